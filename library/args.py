@@ -1,0 +1,244 @@
+"""Command-line flags shared by the training scripts.
+
+Flag names, meanings and defaults follow kohya-ss/sd-scripts so existing command lines, wrapper
+scripts and ``--config_file`` TOML files keep working (see ../shared/reference/kohya_surface.md §2).
+Each ``add_*_arguments`` function adds one group; entry scripts compose the groups they need.
+Combinations that cannot work are rejected by :func:`validate_training_args` before any model is
+loaded, with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+class ArgumentError(SystemExit):
+    """A bad flag or flag combination; exits with status 2 and a one-line message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("logging")
+    g.add_argument("--console_log_level", type=str, default=None,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="console log level (default INFO)")
+    g.add_argument("--console_log_file", type=str, default=None, help="also write the console log to this file")
+    g.add_argument("--console_log_simple", action="store_true", help="plain log lines instead of rich formatting")
+
+
+def add_sd_models_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--v2", action="store_true", help="the base model is Stable Diffusion 2.x")
+    g.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2 768-v and other v-pred models)")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="base model: single .safetensors/.ckpt file or Diffusers folder")
+    g.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                   help="folder holding tokenizers (one sub-folder per hub id, '/' replaced by '_') for offline use")
+
+
+def add_model_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model spec metadata (modelspec.*)")
+    for name, help_text in [
+        ("title", "title (default: output_name)"), ("author", "author"), ("description", "description"),
+        ("license", "license"), ("tags", "comma separated tags"), ("usage_hint", "usage hint"),
+        ("thumbnail", "thumbnail image path or data URL"), ("merged_from", "source models of a merge"),
+        ("trigger_phrase", "trigger phrase"), ("preprocessor", "preprocessor"),
+        ("is_negative_embedding", "whether the embedding is a negative one"),
+    ]:
+        g.add_argument(f"--metadata_{name}", type=str, default=None, help=f"modelspec {help_text}")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool = True,
+                          support_caption: bool = True, support_caption_dropout: bool = True) -> None:
+    g = parser.add_argument_group("dataset")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="training images: parent of '<repeats>_<class tokens>' folders, or the fine-tuning image folder")
+    g.add_argument("--cache_info", action="store_true", help="cache caption and size in metadata_cache.json (DreamBooth)")
+    g.add_argument("--shuffle_caption", action="store_true", help="shuffle separator-split tags")
+    g.add_argument("--caption_separator", type=str, default=",", help="tag separator")
+    g.add_argument("--caption_extension", type=str, default=".caption", help="caption file extension")
+    g.add_argument("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)  # legacy misspelling
+    g.add_argument("--keep_tokens", type=int, default=0, help="first N tags are never shuffled or dropped")
+    g.add_argument("--keep_tokens_separator", type=str, default="", help="marker splitting fixed and shuffled parts")
+    g.add_argument("--secondary_separator", type=str, default=None, help="separator of grouped tags, replaced by caption_separator after shuffling")
+    g.add_argument("--enable_wildcard", action="store_true", help="'{a|b}' random choice and random caption line")
+    g.add_argument("--caption_prefix", type=str, default=None, help="text put before every caption")
+    g.add_argument("--caption_suffix", type=str, default=None, help="text put after every caption")
+    g.add_argument("--color_aug", action="store_true", help="weak colour augmentation (disables latent caching)")
+    g.add_argument("--flip_aug", action="store_true", help="random horizontal flip")
+    g.add_argument("--face_crop_aug_range", type=str, default=None, help="'lo,hi' face-centred crop scale range")
+    g.add_argument("--random_crop", action="store_true", help="random instead of centre crop (disables latent caching)")
+    g.add_argument("--debug_dataset", action="store_true", help="show the dataset batches instead of training")
+    g.add_argument("--resolution", type=str, default=None, help="training resolution: 'size' or 'width,height'")
+    g.add_argument("--cache_latents", action="store_true", help="encode images with the VAE once, keep latents in memory")
+    g.add_argument("--vae_batch_size", type=int, default=1, help="batch size for VAE encoding while caching")
+    g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents as .npz files next to the images")
+    g.add_argument("--skip_cache_check", action="store_true", help="trust existing cache files without checking their content")
+    g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
+    g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")
+    g.add_argument("--max_bucket_reso", type=int, default=1024, help="largest bucket side")
+    g.add_argument("--bucket_reso_steps", type=int, default=64, help="bucket side granularity")
+    g.add_argument("--bucket_no_upscale", action="store_true", help="buckets from the image size, never upscaling")
+    g.add_argument("--resize_interpolation", type=str, default=None,
+                   choices=["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"],
+                   help="interpolation for resizing (default: area when shrinking, lanczos when enlarging)")
+    g.add_argument("--token_warmup_min", type=int, default=1, help="tags used at the start of token warmup")
+    g.add_argument("--token_warmup_step", type=float, default=0,
+                   help="steps over which the tag count grows to all (a value < 1 is a ratio of max_train_steps)")
+    g.add_argument("--alpha_mask", action="store_true", help="use the image alpha channel as loss mask")
+    g.add_argument("--dataset_class", type=str, default=None, help="'package.module.Class' of a custom dataset")
+    if support_caption_dropout:
+        g.add_argument("--caption_dropout_rate", type=float, default=0.0, help="probability of dropping the whole caption")
+        g.add_argument("--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N-th epoch")
+        g.add_argument("--caption_tag_dropout_rate", type=float, default=0.0, help="probability of dropping each tag")
+    if support_dreambooth:
+        g.add_argument("--reg_data_dir", type=str, default=None, help="regularization images (DreamBooth folders)")
+    if support_caption:
+        g.add_argument("--in_json", type=str, default=None, help="fine-tuning metadata json")
+        g.add_argument("--dataset_repeats", type=int, default=1, help="repeats of the fine-tuning dataset")
+    g.add_argument("--dataset_config", type=str, default=None, help="dataset config .toml/.json")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreambooth: bool = True) -> None:
+    g = parser.add_argument_group("output and saving")
+    g.add_argument("--output_dir", type=str, default=None, help="where models, states and samples are written")
+    g.add_argument("--output_name", type=str, default=None, help="base name of the saved files")
+    g.add_argument("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"],
+                   help="dtype of saved weights (default: as trained)")
+    g.add_argument("--save_every_n_epochs", type=int, default=None, help="save every N epochs")
+    g.add_argument("--save_every_n_steps", type=int, default=None, help="save every N steps")
+    g.add_argument("--save_n_epoch_ratio", type=int, default=None, help="save about N times over the run")
+    g.add_argument("--save_last_n_epochs", type=int, default=None, help="keep only the last N epoch saves")
+    g.add_argument("--save_last_n_epochs_state", type=int, default=None, help="keep only the last N epoch states")
+    g.add_argument("--save_last_n_steps", type=int, default=None, help="keep only saves of the last N steps")
+    g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
+    g.add_argument("--save_state", action="store_true", help="save the training state with every model save")
+    g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    g.add_argument("--resume", type=str, default=None, help="training state folder to resume from")
+
+    g = parser.add_argument_group("batch and length")
+    g.add_argument("--train_batch_size", type=int, default=1, help="batch size")
+    g.add_argument("--max_token_length", type=int, default=None, choices=[None, 75, 150, 225],
+                   help="text length in tokens: 75 (default), 150 or 225")
+    g.add_argument("--max_train_steps", type=int, default=1600, help="training steps")
+    g.add_argument("--max_train_epochs", type=int, default=None, help="training epochs (overrides max_train_steps)")
+    g.add_argument("--max_data_loader_n_workers", type=int, default=8, help="DataLoader workers (capped by CPU count)")
+    g.add_argument("--persistent_data_loader_workers", action="store_true", help="keep DataLoader workers between epochs")
+    g.add_argument("--seed", type=int, default=None, help="random seed (random if unset)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+
+    g = parser.add_argument_group("attention and compile")
+    g.add_argument("--mem_eff_attn", action="store_true", help="memory-efficient attention (SDPA is used)")
+    g.add_argument("--xformers", action="store_true", help="xformers attention (needs the xformers package)")
+    g.add_argument("--sdpa", action="store_true", help="PyTorch scaled-dot-product attention (the default)")
+    g.add_argument("--torch_compile", action="store_true", help="compile the denoiser with torch.compile")
+    g.add_argument("--dynamo_backend", type=str, default="inductor", help="torch.compile backend")
+
+    g = parser.add_argument_group("precision and memory")
+    g.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="mixed precision")
+    g.add_argument("--full_fp16", action="store_true", help="train in fp16 entirely (needs --mixed_precision fp16)")
+    g.add_argument("--full_bf16", action="store_true", help="train in bf16 entirely (needs --mixed_precision bf16)")
+    g.add_argument("--fp8_base", action="store_true", help="store base model weights in float8_e4m3fn")
+    g.add_argument("--lowram", action="store_true", help="load models straight to the GPU")
+    g.add_argument("--highvram", action="store_true", help="do not free GPU caches between phases")
+
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
+    g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
+    g.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
+
+    g = parser.add_argument_group("models and conditioning")
+    g.add_argument("--vae", type=str, default=None, help="replacement VAE (file or Diffusers folder)")
+    g.add_argument("--clip_skip", type=int, default=None, help="use the output of the N-th last text encoder layer")
+    if support_dreambooth:
+        g.add_argument("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularization images")
+
+    g = parser.add_argument_group("logging and tracking")
+    g.add_argument("--logging_dir", type=str, default=None, help="enables TensorBoard logs in this folder")
+    g.add_argument("--log_with", type=str, default=None, choices=["tensorboard", "wandb", "all"], help="tracker")
+    g.add_argument("--log_prefix", type=str, default=None, help="prefix of the run folder name")
+    g.add_argument("--log_tracker_name", type=str, default=None, help="tracker project name")
+    g.add_argument("--log_tracker_config", type=str, default=None, help="tracker init kwargs (toml)")
+    g.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
+    g.add_argument("--wandb_api_key", type=str, default=None, help="wandb API key")
+    g.add_argument("--log_config", action="store_true", help="log the (sanitized) arguments to the tracker")
+
+    g = parser.add_argument_group("sample images during training")
+    g.add_argument("--sample_every_n_steps", type=int, default=None, help="sample every N steps")
+    g.add_argument("--sample_every_n_epochs", type=int, default=None, help="sample every N epochs (wins over steps)")
+    g.add_argument("--sample_at_first", action="store_true", help="sample before training starts")
+    g.add_argument("--sample_prompts", type=str, default=None, help="prompt file (.txt, .toml or .json)")
+    g.add_argument("--sample_sampler", type=str, default="ddim",
+                   choices=["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+                            "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"],
+                   help="sampler of the preview images")
+
+    add_config_arguments(parser)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("config file")
+    g.add_argument("--config_file", type=str, default=None,
+                   help="TOML file with arguments (tables are flattened; the command line wins)")
+    g.add_argument("--output_config", action="store_true",
+                   help="write the non-default arguments to --config_file and exit")
+
+
+def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer_type", type=str, default="",
+                   help="optimizer: AdamW (default), SGDNesterov, or a dotted class path such as torch.optim.Adam")
+    g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
+                   help="optimizer keyword arguments as key=value (values are Python literals)")
+    g.add_argument("--learning_rate", type=float, default=2e-6, help="learning rate")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    g.add_argument("--lr_scheduler", type=str, default="constant",
+                   help="constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup, ...")
+    g.add_argument("--lr_warmup_steps", type=str, default="0",
+                   help="warmup steps: an integer, a ratio of all steps (< 1), or 'N%%'")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_scheduler_power", type=float, default=1, help="power of polynomial decay")
+
+
+def add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("network")
+    g.add_argument("--network_module", type=str, default=None, help="network module to train, e.g. networks.lora")
+    g.add_argument("--network_dim", type=int, default=None, help="network rank (module default when unset)")
+    g.add_argument("--network_alpha", type=float, default=1, help="LoRA alpha (scale = alpha / rank)")
+    g.add_argument("--network_dropout", type=float, default=None, help="dropout on the down projection output")
+    g.add_argument("--network_args", type=str, default=None, nargs="*", help="network options as key=value")
+    g.add_argument("--network_weights", type=str, default=None, help="start from these network weights")
+    g.add_argument("--dim_from_weights", action="store_true", help="take rank and alpha from --network_weights")
+    g.add_argument("--network_train_unet_only", action="store_true", help="train only the U-Net part")
+    g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder part")
+    g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net part")
+    g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*", help="learning rate of the text encoder part")
+    g.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
+    g.add_argument("--no_metadata", action="store_true", help="store only the minimal metadata")
+    g.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
+                   help="file format of the network")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    g.add_argument("--fp8_base_unet", action="store_true", help="float8 only for the U-Net")
+    g.add_argument("--initial_epoch", type=int, default=None, help="epoch to start counting from")
+    g.add_argument("--initial_step", type=int, default=None, help="step to start counting from")
+    g.add_argument("--skip_until_initial_step", action="store_true",
+                   help="skip the batches before --initial_step so the data continues where it stopped")
+
+
+def setup_network_parser() -> argparse.ArgumentParser:
+    """The parser of train_network.py (SD 1.x/2.x LoRA)."""
+    parser = argparse.ArgumentParser(description="Train a LoRA (or another network module) for Stable Diffusion 1.x/2.x")
+    add_logging_arguments(parser)
+    add_sd_models_arguments(parser)
+    add_model_spec_arguments(parser)
+    add_dataset_arguments(parser)
+    add_training_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_network_arguments(parser)
+    return parser

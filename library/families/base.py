@@ -1,0 +1,100 @@
+"""What a model family must provide to the shared training loop.
+
+The loop (:class:`library.training.trainer.NetworkTrainer`) never asks which family it runs: it
+calls the methods below. A new family (SDXL, FLUX.1, SD3) is a subclass that implements them; a
+family that differs only in a detail (SD2 vs SD1) overrides only that detail.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class FamilyModels:
+    """The models of one family as the loop sees them.
+
+    ``denoiser`` is what the network is applied to as "unet" (a U-Net or a DiT);
+    ``text_encoders``/``tokenizers`` are lists even for one encoder so networks and caching code
+    can treat every family alike. ``extra`` holds family-private state (e.g. a noise schedule).
+    """
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """One training step's model output and what it is compared with."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+
+
+class ModelFamily(abc.ABC):
+    """A model family: loading, text and image encoding, the training objective, previews."""
+
+    #: spatial stride between pixels and latents; bucket sides must be multiples of it
+    latents_stride: int = 8
+    #: file-name suffix of the disk latent cache (``<stem>_<W>x<H><suffix>.npz``)
+    latent_cache_suffix: str = "_sd"
+    #: default tracker name when ``--log_tracker_name`` is unset
+    tracker_name: str = "network_train"
+
+    # --- set-up --------------------------------------------------------------------------------
+    def validate_args(self, args: argparse.Namespace) -> None:
+        """Reject flag combinations this family cannot honour (raise ``ArgumentError``)."""
+
+    @abc.abstractmethod
+    def load_models(self, args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype) -> FamilyModels:
+        """Load the frozen base models (on CPU or ``device``) in ``weight_dtype``."""
+
+    @abc.abstractmethod
+    def make_tokenize_fn(self, models: FamilyModels, args: argparse.Namespace) -> Callable[[list[str]], torch.Tensor]:
+        """A picklable function turning captions into token ids; it runs in DataLoader workers."""
+
+    # --- per step ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> raw latents (what the latent cache stores)."""
+
+    @abc.abstractmethod
+    def encode_text(self, models: FamilyModels, batch: dict, args: argparse.Namespace) -> Any:
+        """Token ids of a batch -> the denoiser's text conditioning."""
+
+    @abc.abstractmethod
+    def predict(self, models: FamilyModels, latents: torch.Tensor, conditioning: Any, batch: dict,
+                args: argparse.Namespace) -> Prediction:
+        """Noise the (raw) latents, run the denoiser and return prediction and target."""
+
+    # --- output --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def metadata(self, args: argparse.Namespace) -> dict[str, str]:
+        """Family part of the ``ss_*``/``modelspec.*`` metadata of a saved network."""
+
+    @abc.abstractmethod
+    def modelspec(self, args: argparse.Namespace, timestamp: float) -> dict[str, str]:
+        """``modelspec.*`` metadata of a saved network (architecture, resolution, ...)."""
+
+    def sample_defaults(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Defaults of a preview prompt that gives none (size, steps, scale, sampler)."""
+        return {"width": 512, "height": 512, "steps": 30, "scale": 7.5, "sampler": args.sample_sampler}
+
+    def sample_image(self, models: FamilyModels, prompt, generator: torch.Generator, args: argparse.Namespace,
+                     device: torch.device, dtype: torch.dtype):
+        """Generate one preview image for a :class:`~library.sampling.prompts.SamplePrompt`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot generate sample images yet")
+
+    # --- which parts the network sees ----------------------------------------------------------
+    def network_text_encoders(self, models: FamilyModels):
+        """What ``create_network(..., text_encoder=...)`` receives (a model or a list)."""
+        return models.text_encoders[0] if len(models.text_encoders) == 1 else models.text_encoders

@@ -1,0 +1,111 @@
+"""Stable Diffusion 1.x / 2.x as a model family of the shared training loop."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from library.args import ArgumentError
+from library.families.base import FamilyModels, ModelFamily, Prediction
+from library.families.ddpm import DDPMObjective
+from library.families.sd import text
+
+logger = logging.getLogger(__name__)
+
+LATENT_SCALE = 0.18215
+
+
+class StableDiffusionFamily(ModelFamily):
+    latents_stride = 8
+    latent_cache_suffix = "_sd"
+    tracker_name = "network_train"
+
+    def validate_args(self, args) -> None:
+        if args.max_token_length not in (None, 75, 150, 225):
+            raise ArgumentError("--max_token_length must be 75, 150 or 225")
+        if args.v2 and args.clip_skip is not None:
+            logger.warning("--clip_skip with --v2: SD2's text encoder output already is the penultimate layer; "
+                           "clip_skip %d goes further back", args.clip_skip)
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        from library.families.sd.loading import load_sd_models
+
+        sd = load_sd_models(args.pretrained_model_name_or_path, v2=args.v2, vae_path=args.vae,
+                            tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=torch.float32, device="cpu")
+        return FamilyModels(denoiser=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder],
+                            tokenizers=[sd.tokenizer],
+                            extra={"objective": DDPMObjective(args.v_parameterization), "sd": sd})
+
+    def make_tokenize_fn(self, models: FamilyModels, args):
+        return functools.partial(text.tokenize, models.tokenizers[0], max_token_length=args.max_token_length)
+
+    # --- per step ------------------------------------------------------------------------------
+    def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
+        vae = models.vae
+        return vae.encode(images.to(vae.dtype)).latent_dist.sample().float()
+
+    def encode_text(self, models: FamilyModels, batch: dict, args) -> torch.Tensor:
+        te = models.text_encoders[0]
+        input_ids = batch["input_ids"].to(te.device)
+        return text.encode(te, input_ids, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+
+    def predict(self, models: FamilyModels, latents, conditioning, batch, args) -> Prediction:
+        objective: DDPMObjective = models.extra["objective"]
+        latents = latents * LATENT_SCALE
+        noise = torch.randn_like(latents)
+        timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
+        noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
+        unet = models.denoiser
+        dtype = unet.dtype if unet.dtype != torch.float8_e4m3fn else conditioning.dtype
+        pred = unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
+        return Prediction(pred=pred, target=target, timesteps=timesteps)
+
+    # --- output --------------------------------------------------------------------------------
+    def base_model_version(self, args) -> str:
+        return ("sd_v2" if args.v2 else "sd_v1") + ("_v" if args.v_parameterization else "")
+
+    def metadata(self, args) -> dict[str, str]:
+        return {"ss_v2": str(bool(args.v2)), "ss_base_model_version": self.base_model_version(args)}
+
+    def modelspec(self, args, timestamp: float) -> dict[str, str]:
+        from library.training.metadata import modelspec_metadata
+
+        if args.v2:
+            arch = "stable-diffusion-v2-768-v" if args.v_parameterization else "stable-diffusion-v2-512"
+        else:
+            arch = "stable-diffusion-v1"
+        default_side = 768 if args.v2 and args.v_parameterization else 512
+        return modelspec_metadata(args, architecture=f"{arch}/lora", implementation="diffusers",
+                                  resolution=parse_resolution(args.resolution, default_side),
+                                  prediction_type="v" if args.v_parameterization else "epsilon",
+                                  timestamp=timestamp, title_default=f"LoRA@{int(timestamp)}")
+
+    def sample_image(self, models: FamilyModels, prompt, generator, args, device, dtype):
+        from library.sampling.pipeline import Conditioning, LatentDiffusionSampler
+
+        te, tok = models.text_encoders[0], models.tokenizers[0]
+
+        def encode_prompts(prompts: list[str]) -> Conditioning:
+            ids = text.tokenize(tok, prompts, max_token_length=args.max_token_length).to(te.device)
+            return Conditioning(hidden_states=text.encode(te, ids, clip_skip=args.clip_skip,
+                                                          max_token_length=args.max_token_length))
+
+        sampler = LatentDiffusionSampler(models.denoiser, models.vae, encode_prompts, latent_scale=LATENT_SCALE)
+        return sampler.generate(prompt, sampler_name=prompt.sampler or args.sample_sampler,
+                                v_parameterization=args.v_parameterization, generator=generator,
+                                device=device, dtype=models.denoiser.dtype)
+
+
+def parse_resolution(value: Any, default_side: int) -> tuple[int, int]:
+    """``"512"`` / ``"512,768"`` / ``[512, 768]`` -> (width, height)."""
+    if value is None:
+        return default_side, default_side
+    if isinstance(value, (list, tuple)):
+        parts = [int(v) for v in value]
+    else:
+        parts = [int(v) for v in str(value).replace("x", ",").split(",") if v.strip()]
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])

@@ -1,0 +1,88 @@
+"""Writing files so that an interrupted run never leaves a half-written one, and file hashes.
+
+Every output of the toolkit (LoRA files, checkpoints, caches, metadata) goes through
+:func:`atomic_path`: the data is written to a temporary file in the same folder and renamed over
+the target only once complete, so a kill at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path next to ``target``; rename it over ``target`` if the block succeeds.
+
+    The temporary name keeps the target's suffix because some writers (numpy's ``savez``,
+    safetensors) look at it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file (tensors made contiguous, metadata values strings)."""
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """Atomically ``torch.save`` an object (used for ``.ckpt``/``.pt`` outputs)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+# --- hashes ------------------------------------------------------------------------------------
+
+def addnet_hashes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """The two hashes sd-webui-additional-networks shows for a LoRA file.
+
+    Computed on the in-memory safetensors serialization carrying only the ``ss_*`` metadata, as
+    that extension does: ``sshs_model_hash`` is the sha256 of the tensor data (header skipped),
+    ``sshs_legacy_hash`` the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    blob = safetensors_bytes(tensors, metadata=ss_only)
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """A1111's old 8-hex model hash: sha256 of 64 KiB at offset 1 MiB of the file."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+

@@ -1,0 +1,426 @@
+"""NetworkTrainer: the training loop of every network (LoRA, ...) trainer, written once.
+
+Read top to bottom, :meth:`NetworkTrainer.train` is the recipe: check flags, set up accelerate,
+load the family's models, build the data, cache latents, create the network, build the optimizer,
+then loop over epochs and steps, saving and sampling on schedule. Everything that depends on the
+model family goes through ``self.family`` (:class:`library.families.base.ModelFamily`); everything
+that depends on the network goes through the kohya plug-in API of ``--network_module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from library.args import ArgumentError
+from library.families.base import FamilyModels, ModelFamily
+from library.log import setup_logging
+from library.training import metadata as md
+from library.training.accelerator import allow_fp16_gradients, make_accelerator, weight_dtypes
+from library.training.data_order import EpochShuffleSampler, make_dataloader
+from library.training.loss_log import LossLog
+from library.training.optimizer import choose_optimizer, make_lr_scheduler, make_optimizer, steps_per_epoch
+from library.training.saving import SavePolicy, read_train_state, write_train_state
+from library.training.validation import validate_training_args
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Schedule:
+    """How long the run is, in optimizer steps and epochs, and where it starts."""
+
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    first_step: int = 0
+    skip_batches: int = 0  # batches of the first epoch already seen (exact resume)
+
+    @property
+    def first_epoch(self) -> int:
+        return self.first_step // self.steps_per_epoch
+
+
+def parse_network_args(items: list[str] | None) -> dict[str, str]:
+    """``--network_args conv_dim=4 conv_alpha=1`` -> strings, split on the first ``=`` (plug-in API)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ArgumentError(f"--network_args: '{item}' is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class NetworkTrainer:
+    def __init__(self, family: ModelFamily):
+        self.family = family
+        self.lr_names: list[str] | None = None
+
+    # ============================================================================ the recipe
+    def train(self, args) -> None:
+        setup_logging(args)
+        validate_training_args(args)
+        self.family.validate_args(args)
+        if args.seed is None:
+            args.seed = random.randint(0, 2**31 - 1)
+            logger.info("no --seed given; using %d", args.seed)
+        set_seed(args.seed)
+        started_at = time.time()
+
+        accelerator = make_accelerator(args)
+        weight_dtype, save_dtype = weight_dtypes(args)
+        models = self.family.load_models(args, accelerator.device, weight_dtype)
+
+        from library.dataset_config import build_dataset_group  # data stack only when training
+
+        train_group, _ = build_dataset_group(args, tokenize=self.family.make_tokenize_fn(models, args),
+                                             latents_stride=self.family.latents_stride)
+        if args.debug_dataset:
+            from library.data.dataset import debug_dataset
+
+            debug_dataset(train_group)
+            return
+        if len(train_group) == 0:
+            raise ArgumentError("the dataset has no batches: check image folders and num_repeats")
+        if args.cache_latents:
+            self.cache_latents(args, models, train_group, accelerator)
+
+        network, network_args = self.create_network(args, models)
+        train_unet = not args.network_train_text_encoder_only
+        train_te = not args.network_train_unet_only
+        self.prepare_models_for_training(args, models, network, accelerator, weight_dtype, train_te)
+
+        te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
+        params = network.prepare_optimizer_params(te_lr, args.unet_lr if train_unet else 0, args.learning_rate)
+        # The plug-in API allows either the groups alone or (groups, names of the groups).
+        params, self.lr_names = params if isinstance(params, tuple) else (params, None)
+        optimizer_choice = choose_optimizer(args)
+        optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
+
+        num_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
+        from library.data.collate import collate_batch
+
+        dataloader = make_dataloader(train_group, seed=args.seed, num_workers=num_workers,
+                                     persistent_workers=args.persistent_data_loader_workers, collate_fn=collate_batch)
+        schedule = self.make_schedule(args, len(dataloader), accelerator.num_processes)
+        train_group.set_max_train_steps(schedule.max_train_steps)
+        lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
+
+        if args.full_fp16 or args.full_bf16:
+            network.to(weight_dtype)
+        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+        if args.full_fp16:
+            allow_fp16_gradients(accelerator)
+
+        policy = SavePolicy.from_args(args, schedule.num_epochs)
+        self.resume_or_start(args, accelerator, schedule, lr_scheduler)
+
+        base_metadata = self.build_metadata(args, train_group, schedule, started_at, optimizer_choice.describe(),
+                                            network_args, accelerator)
+        if accelerator.is_main_process and args.logging_dir:
+            accelerator.init_trackers(args.log_tracker_name or self.family.tracker_name,
+                                      config=self.tracker_config(args) if args.log_config else None)
+
+        self.loop(args, accelerator, models, network, optimizer, lr_scheduler, dataloader, train_group,
+                  schedule, policy, base_metadata, save_dtype, weight_dtype, train_te)
+
+    # ================================================================================= set-up
+    def cache_latents(self, args, models: FamilyModels, group, accelerator) -> None:
+        vae = models.vae
+        vae.to(accelerator.device)
+        encode = lambda images: self.family.encode_images(models, images.to(accelerator.device))  # noqa: E731
+        with torch.no_grad():
+            group.cache_latents(encode, vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
+                                skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix)
+        vae.to("cpu")  # the VAE is not needed again until sampling: free the device memory
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def create_network(self, args, models: FamilyModels):
+        try:
+            module = importlib.import_module(args.network_module or "networks.lora")
+        except ImportError as e:
+            raise ArgumentError(f"--network_module {args.network_module}: cannot import it ({e})") from e
+        network_args = parse_network_args(args.network_args)
+        text_encoders = self.family.network_text_encoders(models)
+        if args.dim_from_weights:
+            network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
+                                                            models.denoiser, **network_args)
+        else:
+            kwargs = dict(network_args)
+            if args.network_dropout is not None:
+                kwargs.setdefault("dropout", str(args.network_dropout))  # the name LyCORIS reads
+            network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
+                                            models.denoiser, neuron_dropout=args.network_dropout, **kwargs)
+        if network is None:
+            raise ArgumentError(f"--network_module {module.__name__}: create_network returned nothing")
+        if hasattr(network, "prepare_network"):
+            network.prepare_network(args)
+        network.apply_to(text_encoders, models.denoiser, not args.network_train_unet_only,
+                         not args.network_train_text_encoder_only)
+        if args.network_weights:
+            info = network.load_weights(args.network_weights)
+            logger.info("loaded network weights from %s: %s", args.network_weights, info)
+        return network, network_args
+
+    def prepare_models_for_training(self, args, models: FamilyModels, network, accelerator, weight_dtype,
+                                    train_te: bool) -> None:
+        """Frozen base models on the device in their dtype; checkpointing where asked."""
+        for model in [models.denoiser, *models.text_encoders]:
+            model.requires_grad_(False)
+        models.vae.requires_grad_(False)
+        models.vae.eval()
+        models.denoiser.to(accelerator.device, dtype=weight_dtype)
+        for te in models.text_encoders:
+            te.to(accelerator.device, dtype=weight_dtype)
+        if not args.cache_latents:
+            models.vae.to(accelerator.device, dtype=torch.float32 if args.no_half_vae else weight_dtype)
+        if args.fp8_base or args.fp8_base_unet:
+            models.denoiser.to(dtype=torch.float8_e4m3fn)
+        if args.gradient_checkpointing:
+            models.denoiser.enable_gradient_checkpointing()
+            if train_te:
+                for te in models.text_encoders:
+                    te.gradient_checkpointing_enable()
+            network.enable_gradient_checkpointing()
+        # Train mode makes checkpointing active; the base models have no dropout that would change.
+        models.denoiser.train(args.gradient_checkpointing)
+        for te in models.text_encoders:
+            te.train(train_te and args.gradient_checkpointing)
+        network.prepare_grad_etc(self.family.network_text_encoders(models), models.denoiser)
+
+    def make_schedule(self, args, num_batches: int, num_processes: int) -> Schedule:
+        per_epoch = steps_per_epoch(num_batches, args.gradient_accumulation_steps, num_processes)
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * per_epoch
+            logger.info("--max_train_epochs %d -> %d steps", args.max_train_epochs, args.max_train_steps)
+        num_epochs = math.ceil(args.max_train_steps / per_epoch)
+        return Schedule(steps_per_epoch=per_epoch, max_train_steps=args.max_train_steps, num_epochs=num_epochs)
+
+    def resume_or_start(self, args, accelerator, schedule: Schedule, lr_scheduler) -> None:
+        """Set where the run starts: a resumed state, or ``--initial_step/--initial_epoch``."""
+        if args.resume:
+            accelerator.load_state(args.resume)
+            _, step = read_train_state(args.resume)
+            schedule.first_step = step
+            # A resume always continues exactly where the state was written: same batches next.
+            schedule.skip_batches = (step % schedule.steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info("resumed from %s at step %d (epoch %d)", args.resume, step, schedule.first_epoch + 1)
+            return
+        if args.initial_step:
+            first = args.initial_step
+        elif args.initial_epoch:
+            first = (args.initial_epoch - 1) * schedule.steps_per_epoch
+        else:
+            first = 0
+        if first:
+            if first >= schedule.max_train_steps:
+                raise ArgumentError(f"--initial_step/--initial_epoch start at step {first}, past --max_train_steps "
+                                    f"{schedule.max_train_steps}")
+            schedule.first_step = first
+            if args.skip_until_initial_step:
+                schedule.skip_batches = (first % schedule.steps_per_epoch) * args.gradient_accumulation_steps
+            for _ in range(first):  # the learning rate continues from the step the run starts at
+                lr_scheduler.step()
+
+    def build_metadata(self, args, group, schedule: Schedule, started_at: float, optimizer_name: str,
+                       network_args: dict, accelerator) -> dict[str, str]:
+        dataset_md = group.metadata(args, num_processes=accelerator.num_processes,
+                                    gradient_accumulation_steps=args.gradient_accumulation_steps)
+        training = md.training_metadata(
+            args, started_at=started_at, num_train_images=group.num_train_images,
+            num_reg_images=group.num_reg_images, num_batches_per_epoch=len(group), num_epochs=schedule.num_epochs,
+            optimizer_name=optimizer_name, network_args=network_args, dataset_metadata=dataset_md,
+            family_metadata=self.family.metadata(args))
+        return {**training, **self.family.modelspec(args, started_at)}
+
+    @staticmethod
+    def tracker_config(args) -> dict:
+        """Arguments safe to send to a tracker: no secrets, no absolute paths."""
+        config = {}
+        for key, value in vars(args).items():
+            if "api_key" in key or "token" in key:
+                continue
+            if isinstance(value, str) and os.path.isabs(value):
+                value = os.path.basename(value)
+            if isinstance(value, list):
+                value = str(value)
+            config[key] = value
+        return config
+
+    # ================================================================================= the loop
+    def loop(self, args, accelerator, models: FamilyModels, network, optimizer, lr_scheduler, dataloader,
+             group, schedule: Schedule, policy: SavePolicy, base_metadata, save_dtype, weight_dtype,
+             train_te: bool) -> None:
+        unwrapped = accelerator.unwrap_model(network)
+        log = (lambda values, step: accelerator.log(values, step=step)) if args.logging_dir else None
+        losses = LossLog(accelerator.device, window=schedule.steps_per_epoch, log=log)
+        sampler = self.find_sampler(dataloader)
+
+        global_step = schedule.first_step
+        progress = tqdm(total=schedule.max_train_steps, initial=global_step, desc="steps",
+                        disable=not accelerator.is_local_main_process, smoothing=0)
+        if args.sample_at_first and global_step == 0:
+            self.sample(args, accelerator, models, network, step=0, epoch=None)
+
+        epoch = schedule.first_epoch
+        for epoch in range(schedule.first_epoch, schedule.num_epochs):
+            group.set_current_epoch(epoch + 1)
+            dataloader.set_epoch(epoch)  # accelerate passes it on to the sampler: the order of this epoch
+            if epoch == schedule.first_epoch and schedule.skip_batches:
+                sampler.skip_next(schedule.skip_batches * accelerator.num_processes)
+            unwrapped.on_epoch_start(self.family.network_text_encoders(models), models.denoiser)
+
+            for batch in dataloader:
+                group.set_current_step(global_step)
+                with accelerator.accumulate(network):
+                    loss = self.training_loss(args, accelerator, models, batch, train_te, weight_dtype)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(unwrapped.get_trainable_params(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                losses.add(loss, global_step)
+                if log is not None:
+                    log(self.lr_logs(lr_scheduler), global_step)
+                if global_step % losses.flush_every == 0:
+                    progress.set_postfix(avr_loss=f"{losses.average:.4f}")
+                if policy.saves_at_step(global_step):
+                    losses.flush()
+                    self.save(args, accelerator, unwrapped, policy, policy.step_stem(global_step), base_metadata,
+                              save_dtype, epoch=epoch + 1, step=global_step, with_state=policy.save_state)
+                    policy.prune_after_step_save(global_step)
+                if self.sample_due(args, step=global_step, epoch_end=False):
+                    losses.flush()
+                    self.sample(args, accelerator, models, network, step=global_step, epoch=None)
+                if global_step >= schedule.max_train_steps:
+                    break
+
+            epoch_mean = losses.end_epoch()
+            if log is not None:
+                log({"loss/epoch_average": epoch_mean}, epoch + 1)
+            logger.info("epoch %d/%d done, mean loss %.4f", epoch + 1, schedule.num_epochs, epoch_mean)
+            if policy.saves_at_epoch_end(epoch + 1, schedule.num_epochs):
+                self.save(args, accelerator, unwrapped, policy, policy.epoch_stem(epoch + 1), base_metadata,
+                          save_dtype, epoch=epoch + 1, step=global_step, with_state=policy.save_state)
+                policy.prune_after_epoch_save(epoch + 1)
+            if self.sample_due(args, step=global_step, epoch_end=True, epoch=epoch + 1):
+                self.sample(args, accelerator, models, network, step=global_step, epoch=epoch + 1)
+            if global_step >= schedule.max_train_steps:
+                break
+
+        progress.close()
+        losses.flush()
+        self.save(args, accelerator, unwrapped, policy, policy.final_stem(), base_metadata, save_dtype,
+                  epoch=epoch + 1, step=global_step,
+                  with_state=policy.save_state or policy.save_state_on_train_end)
+        accelerator.end_training()
+        logger.info("training finished: %s", policy.model_path(policy.final_stem()))
+
+    @staticmethod
+    def find_sampler(dataloader) -> EpochShuffleSampler:
+        """Our sampler inside accelerate's wrappers (batch sampler, shard) of the DataLoader."""
+        node, seen = dataloader, 0
+        while not isinstance(node, EpochShuffleSampler) and seen < 5:
+            node = getattr(node, "sampler", None) or getattr(node, "batch_sampler", None)
+            seen += 1
+        if not isinstance(node, EpochShuffleSampler):
+            raise RuntimeError("could not find the epoch sampler inside the prepared DataLoader")
+        return node
+
+    def training_loss(self, args, accelerator, models: FamilyModels, batch: dict, train_te: bool,
+                      weight_dtype) -> torch.Tensor:
+        """Loss of one batch: latents, text conditioning, prediction, weighted MSE."""
+        with torch.no_grad():
+            if batch.get("latents") is not None:
+                latents = batch["latents"].to(accelerator.device)
+            else:
+                latents = self.family.encode_images(models, batch["images"].to(accelerator.device))
+            latents = torch.nan_to_num(latents.float())
+        with accelerator.autocast():
+            with torch.set_grad_enabled(train_te):
+                conditioning = self.family.encode_text(models, batch, args)
+            prediction = self.family.predict(models, latents, conditioning, batch, args)
+        loss = F.mse_loss(prediction.pred.float(), prediction.target.float(), reduction="none")
+        loss = loss.mean(dim=list(range(1, loss.ndim)))
+        loss = loss * batch["loss_weights"].to(loss.device)
+        return loss.mean()
+
+    def lr_logs(self, lr_scheduler) -> dict:
+        lrs = lr_scheduler.get_last_lr()
+        names = self.lr_names if self.lr_names and len(self.lr_names) == len(lrs) else \
+            [f"group{i}" for i in range(len(lrs))]
+        return {f"lr/{name}": lr for name, lr in zip(names, lrs)}
+
+    # ========================================================================= save and sample
+    def save(self, args, accelerator, network, policy: SavePolicy, stem: str, base_metadata, save_dtype, *,
+             epoch: int, step: int, with_state: bool) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = policy.model_path(stem)
+            metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=args.no_metadata)
+            network.save_weights(str(path), save_dtype, metadata)
+            logger.info("saved %s", path)
+        if with_state:
+            self.save_state(accelerator, policy.state_dir(stem), epoch=epoch, step=step)
+
+    @staticmethod
+    def save_state(accelerator, state_dir: Path, *, epoch: int, step: int) -> None:
+        """Write the state into a temporary folder and rename it, so a kill never leaves half a state."""
+        tmp = state_dir.with_name(state_dir.name + ".tmp")
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write_train_state(tmp, epoch=epoch, step=step)
+            if state_dir.exists():
+                shutil.rmtree(state_dir)
+            os.replace(tmp, state_dir)
+            logger.info("saved state %s", state_dir)
+
+    @staticmethod
+    def sample_due(args, *, step: int, epoch_end: bool, epoch: int | None = None) -> bool:
+        if not args.sample_prompts:
+            return False
+        if epoch_end:
+            return bool(args.sample_every_n_epochs) and epoch % args.sample_every_n_epochs == 0
+        if args.sample_every_n_epochs:  # the epoch setting wins over the step setting
+            return False
+        return bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
+
+    def sample(self, args, accelerator, models: FamilyModels, network, *, step: int, epoch: int | None) -> None:
+        from library.sampling.previews import write_sample_images
+        from library.sampling.prompts import load_prompts
+
+        if not accelerator.is_main_process:
+            return
+        prompts = load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
+        device = accelerator.device
+        models.vae.to(device)
+        try:
+            generate = lambda prompt, generator: self.family.sample_image(  # noqa: E731
+                models, prompt, generator, args, device, torch.float32)
+            write_sample_images(prompts, generate, output_dir=args.output_dir, output_name=args.output_name,
+                                step=step, epoch=epoch, device=device,
+                                modules=[models.denoiser, *models.text_encoders, network])
+        finally:
+            if args.cache_latents:
+                models.vae.to("cpu")

@@ -1,0 +1,32 @@
+"""Train a LoRA (or any network module) for Stable Diffusion 1.x/2.x.
+
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \
+        --dataset_config dataset.toml --output_dir out --output_name my_lora --network_module networks.lora
+
+Same flags as kohya-ss/sd-scripts' train_network.py; see docs/train_network.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from library.args import setup_network_parser
+from library.config_file import parse_args_with_config
+from library.families.sd.family import StableDiffusionFamily
+from library.log import setup_logging
+from library.training.trainer import NetworkTrainer
+
+
+def setup_parser():
+    return setup_network_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = setup_parser()
+    args = parse_args_with_config(parser, argv)
+    setup_logging(args)
+    NetworkTrainer(StableDiffusionFamily()).train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
