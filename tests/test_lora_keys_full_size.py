@@ -1,0 +1,105 @@
+"""Full-size SD 1.5 / SD 2 LoRA key parity with ``reference/lora_keys.json``.
+
+The real architectures are built on the meta device (shapes only, no memory), the network is
+created on them, and its state-dict keys and shapes must equal the reference file exactly: these
+are the names ComfyUI, A1111/Forge and diffusers look for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from networks import lora
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lora_keys.json"
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict[str, list[int]]]:
+    if not REFERENCE.is_file():
+        pytest.skip(f"reference file not found: {REFERENCE}")
+    return json.loads(REFERENCE.read_text())
+
+
+def sd1_models():
+    """SD 1.5: U-Net with the v1-inference config, CLIP ViT-L/14 text encoder."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        ))
+    return text_encoder, unet
+
+
+def sd2_models():
+    """SD 2.x 768-v: per-level head dims, 1024 context, conv proj_in as in the LDM checkpoint;
+    OpenCLIP ViT-H/14 text tower as HF CLIP with the last layer dropped (23 layers)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=False,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+        ))
+    return text_encoder, unet
+
+
+def network_shapes(network: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in network.state_dict().items()}
+
+
+def assert_same_keys(actual: dict[str, list[int]], expected: dict[str, list[int]]) -> None:
+    missing = sorted(expected.keys() - actual.keys())
+    extra = sorted(actual.keys() - expected.keys())
+    wrong = sorted((k, actual[k], expected[k]) for k in actual.keys() & expected.keys() if actual[k] != expected[k])
+    assert not (missing or extra or wrong), (
+        f"missing {len(missing)}: {missing[:10]}\nextra {len(extra)}: {extra[:10]}\nwrong shapes {len(wrong)}: {wrong[:10]}"
+    )
+
+
+@pytest.mark.parametrize(
+    "case, models, network_args",
+    [
+        ("sd1_lora_dim8", sd1_models, {}),
+        ("sd1_lora_dim8_conv4", sd1_models, {"conv_dim": "4", "conv_alpha": "1"}),
+        ("sd2_lora_dim8", sd2_models, {}),
+    ],
+)
+def test_full_size_keys_match_reference(reference, case, models, network_args):
+    text_encoder, unet = models()
+    network = lora.create_network(1.0, 8, 4, None, text_encoder, unet, **network_args)
+    assert_same_keys(network_shapes(network), reference[case])
+    # alpha is a 0-dim tensor holding network_alpha (conv_alpha for the 3x3 conv modules)
+    for lora_module in network.loras:
+        assert lora_module.alpha.dim() == 0
+        expected_scale = (1.0 if lora_module.lora_down.weight.dim() == 4 and lora_module.lora_down.weight.shape[-1] == 3 else 4.0) / lora_module.lora_dim
+        assert lora_module.scale == pytest.approx(expected_scale), lora_module.lora_name
+
+
+def test_full_size_from_weights_reproduces_reference(reference):
+    """Rank inference from a reference-shaped state dict rebuilds exactly that network."""
+    text_encoder, unet = sd1_models()
+    with torch.device("meta"):
+        weights = {k: torch.empty(v) for k, v in reference["sd1_lora_dim8_conv4"].items()}
+    dims, alphas = lora.ranks_from_weights({k: v for k, v in weights.items() if not k.endswith(".alpha")})
+    assert set(dims.values()) == {4, 8} and all(alphas[n] == dims[n] for n in dims)
+    planned = lora.plan_from_weights(lora.sd_scopes(text_encoder, unet), {k: v for k, v in weights.items() if not k.endswith(".alpha")}, "reference")
+    network = lora.LoRANetwork(planned)
+    assert_same_keys(network_shapes(network), reference["sd1_lora_dim8_conv4"])
+
+
+def test_transformers5_path_gets_text_model_level():
+    text_encoder, _ = sd1_models()
+    scope = lora.sd_scopes(text_encoder, None)[0]
+    assert scope.lora_name("encoder.layers.0.self_attn.q_proj") == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    assert scope.lora_name("text_model.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    several = lora.sd_scopes([text_encoder, text_encoder], None)
+    assert [s.prefix for s in several] == ["lora_te1", "lora_te2"]
