@@ -85,9 +85,11 @@ class ModelFamily(abc.ABC):
     def modelspec(self, args: argparse.Namespace, timestamp: float) -> dict[str, str]:
         """``modelspec.*`` metadata of a saved network (architecture, resolution, ...)."""
 
-    def sample_defaults(self, args: argparse.Namespace) -> dict[str, Any]:
+    def sample_defaults(self, args: argparse.Namespace):
         """Defaults of a preview prompt that gives none (size, steps, scale, sampler)."""
-        return {"width": 512, "height": 512, "steps": 30, "scale": 7.5, "sampler": args.sample_sampler}
+        from library.sampling.prompts import PromptDefaults
+
+        return PromptDefaults(width=512, height=512, steps=30, scale=7.5, sampler=args.sample_sampler)
 
     def sample_image(self, models: FamilyModels, prompt, generator: torch.Generator, args: argparse.Namespace,
                      device: torch.device, dtype: torch.dtype):

@@ -64,6 +64,13 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move a model; cast only when the dtype really changes (diffusers warns on every cast)."""
+    model.to(device)
+    if next(model.parameters()).dtype != dtype:
+        model.to(dtype=dtype)
+
+
 class NetworkTrainer:
     def __init__(self, family: ModelFamily):
         self.family = family
@@ -183,11 +190,10 @@ class NetworkTrainer:
             model.requires_grad_(False)
         models.vae.requires_grad_(False)
         models.vae.eval()
-        models.denoiser.to(accelerator.device, dtype=weight_dtype)
-        for te in models.text_encoders:
-            te.to(accelerator.device, dtype=weight_dtype)
+        for model in [models.denoiser, *models.text_encoders]:
+            _place(model, accelerator.device, weight_dtype)
         if not args.cache_latents:
-            models.vae.to(accelerator.device, dtype=torch.float32 if args.no_half_vae else weight_dtype)
+            _place(models.vae, accelerator.device, torch.float32 if args.no_half_vae else weight_dtype)
         if args.fp8_base or args.fp8_base_unet:
             models.denoiser.to(dtype=torch.float8_e4m3fn)
         if args.gradient_checkpointing:
@@ -338,13 +344,14 @@ class NetworkTrainer:
     @staticmethod
     def find_sampler(dataloader) -> EpochShuffleSampler:
         """Our sampler inside accelerate's wrappers (batch sampler, shard) of the DataLoader."""
-        node, seen = dataloader, 0
-        while not isinstance(node, EpochShuffleSampler) and seen < 5:
-            node = getattr(node, "sampler", None) or getattr(node, "batch_sampler", None)
-            seen += 1
-        if not isinstance(node, EpochShuffleSampler):
-            raise RuntimeError("could not find the epoch sampler inside the prepared DataLoader")
-        return node
+        frontier = [dataloader]
+        for _ in range(4):  # DataLoader -> (shard) batch sampler -> batch sampler -> sampler
+            for node in frontier:
+                if isinstance(node, EpochShuffleSampler):
+                    return node
+            frontier = [child for node in frontier for child in
+                        (getattr(node, "batch_sampler", None), getattr(node, "sampler", None)) if child is not None]
+        raise RuntimeError("could not find the epoch sampler inside the prepared DataLoader")
 
     def training_loss(self, args, accelerator, models: FamilyModels, batch: dict, train_te: bool,
                       weight_dtype) -> torch.Tensor:
@@ -407,11 +414,9 @@ class NetworkTrainer:
         return bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
 
     def sample(self, args, accelerator, models: FamilyModels, network, *, step: int, epoch: int | None) -> None:
-        from library.sampling.previews import write_sample_images
+        from library.sampling.previews import eval_mode, write_sample_images
         from library.sampling.prompts import load_prompts
 
-        if not accelerator.is_main_process:
-            return
         prompts = load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
         device = accelerator.device
         models.vae.to(device)
@@ -420,7 +425,8 @@ class NetworkTrainer:
                 models, prompt, generator, args, device, torch.float32)
             write_sample_images(prompts, generate, output_dir=args.output_dir, output_name=args.output_name,
                                 step=step, epoch=epoch, device=device,
-                                modules=[models.denoiser, *models.text_encoders, network])
+                                eval_context=eval_mode(models.denoiser, *models.text_encoders, network),
+                                process_index=accelerator.process_index, num_processes=accelerator.num_processes)
         finally:
             if args.cache_latents:
                 models.vae.to("cpu")
