@@ -1,0 +1,180 @@
+"""Image files: discovery, size reading, decoding, resizing, cropping and augmentation.
+
+Arrays are HWC ``uint8`` in RGB (RGBA when the alpha channel is wanted) until :func:`to_tensor`
+turns them into CHW float in [-1, 1]. Every failure names the file.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import cv2
+import imagesize
+import numpy as np
+import torch
+from PIL import Image
+
+from library.data.errors import DatasetError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# cv2 flags for --resize_interpolation / resize_interpolation ("box" exists only in the TOML schema
+# of the reference; area averaging is the same box filter when shrinking).
+INTERPOLATIONS = {
+    "lanczos": cv2.INTER_LANCZOS4,
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "linear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "cubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "box": cv2.INTER_AREA,
+}
+
+_FACE_SUFFIX = re.compile(r"^(?P<stem>.*)_(?P<cx>\d+)_(?P<cy>\d+)_(?P<w>\d+)_(?P<h>\d+)$")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (not recursive), any extension case, sorted by name."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise DatasetError(f"cannot list image folder {folder}: {e.strerror or e}") from e
+    return sorted((p for p in entries if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header (``imagesize``), falling back to PIL for odd formats.
+
+    Raises :class:`DatasetError` naming the file when neither can read it, so a corrupt or
+    truncated-header image is reported while the dataset is built, not hours into training.
+    """
+    try:
+        w, h = imagesize.get(str(path))
+    except Exception:  # imagesize raises assorted errors on garbage input
+        w, h = -1, -1
+    if w > 0 and h > 0:
+        return int(w), int(h)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:
+        raise DatasetError(f"cannot read image {path}: {e} -- replace or remove the file") from e
+
+
+def load_image(path: Path, *, with_alpha: bool = False) -> np.ndarray:
+    """Decode ``path`` to HWC uint8 RGB, or RGBA when ``with_alpha`` (opaque alpha if the file has none).
+
+    EXIF orientation is not applied: sizes come from the file header, and buckets must agree.
+    """
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGBA" if with_alpha else "RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except Exception as e:
+        raise DatasetError(f"cannot decode image {path}: {e} -- replace or remove the file") from e
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
+    """Resize to ``size`` = (width, height).
+
+    Without an explicit ``interpolation``: area averaging when shrinking (no aliasing), Lanczos
+    when enlarging (sharpest). Returns the input unchanged when the size already matches.
+    """
+    h, w = image.shape[:2]
+    if (w, h) == tuple(size):
+        return image
+    if interpolation is None:
+        flag = cv2.INTER_AREA if size[0] <= w and size[1] <= h else cv2.INTER_LANCZOS4
+    else:
+        flag = INTERPOLATIONS[interpolation]
+    return cv2.resize(image, tuple(int(s) for s in size), interpolation=flag)
+
+
+def crop_image(image: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    return image[top : top + height, left : left + width]
+
+
+def color_augment(image: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Weak colour augmentation of an RGB image.
+
+    With probability 1/3 the hue is shifted by up to +-8 (OpenCV hue units, 0..179); with
+    probability 1/3 a gamma in [0.95, 1.05] is applied; otherwise the image is unchanged.
+    """
+    choice = rng.random()
+    if choice < 1 / 3:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        shift = rng.randint(-8, 8)
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if choice < 2 / 3:
+        gamma = rng.uniform(0.95, 1.05)
+        table = (np.clip((np.arange(256) / 255.0) ** gamma, 0, 1) * 255 + 0.5).astype(np.uint8)
+        return table[image]
+    return image
+
+
+def split_alpha(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(RGB, alpha mask float32 [H,W] in [0,1]) from RGBA; (RGB, None) from RGB."""
+    if image.shape[2] == 4:
+        return np.ascontiguousarray(image[..., :3]), image[..., 3].astype(np.float32) / 255.0
+    return image, None
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB -> CHW float32 in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return tensor / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------ faces
+
+
+def parse_face_suffix(stem: str) -> tuple[str, tuple[int, int, int, int] | None]:
+    """Split ``name_cx_cy_w_h`` into ("name", (cx, cy, w, h)); other stems give (stem, None)."""
+    m = _FACE_SUFFIX.match(stem)
+    if not m:
+        return stem, None
+    return m["stem"], (int(m["cx"]), int(m["cy"]), int(m["w"]), int(m["h"]))
+
+
+def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: tuple[int, int],
+              scale_range: tuple[float, float], rng: random.Random, *, random_offset: bool = False,
+              interpolation: str | None = None) -> np.ndarray:
+    """Crop ``target`` (w, h) around a face whose position and size come from the file name.
+
+    ``scale_range`` = (lo, hi): the crop's shorter side shows between lo and hi times the face
+    size. The image is only scaled down for that (never above its own size, unless it must grow to
+    cover the target). The window is centred on the face, jittered by up to 1/20 of the face size
+    when lo != hi, or moved randomly (more often near the face) with ``random_offset``; it always
+    stays inside the image.
+    """
+    h, w = image.shape[:2]
+    cx, cy, fw, fh = face
+    tw, th = target
+    lo, hi = scale_range
+    face_size = max(fw, fh, 1)
+    cover = max(tw / w, th / h)
+    small = min(1.0, max(cover, min(tw, th) / (face_size * hi)))
+    large = min(1.0, max(small, min(tw, th) / (face_size * lo)))
+    scale = max(cover, rng.uniform(small, large) if large > small else small)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    image = resize_image(image, (rw, rh), interpolation)
+    scaled_face = face_size * scale
+    offsets = []
+    for centre, length, size in ((cx * scale, rw, tw), (cy * scale, rh, th)):
+        start = round(centre - size / 2)
+        if random_offset:
+            reach = int(max(length - centre, centre))
+            start += rng.randint(0, reach) + rng.randint(0, reach) - reach  # triangular: near the face more often
+        elif lo != hi and scaled_face >= 40:
+            jitter = int(scaled_face // 20)
+            start += rng.randint(-jitter, jitter)
+        offsets.append(min(max(0, start), length - size))
+    return crop_image(image, offsets[0], offsets[1], tw, th)

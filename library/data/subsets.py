@@ -1,0 +1,269 @@
+"""Reading subsets from disk: which images a subset has, their sizes and raw captions.
+
+* DreamBooth subset: the images directly inside ``image_dir``; caption from
+  ``<stem><caption_extension>`` (also tried with a trailing ``_cx_cy_w_h`` face suffix removed),
+  else ``class_tokens``, else "" (warned). With ``cache_info`` the captions and sizes are kept in
+  ``<image_dir>/metadata_cache.json`` (delete it after editing captions or images).
+* Fine-tuning subset: ``metadata_file`` is a json object ``{"<image key or path>": {"caption",
+  "tags", "image_size": [w, h]}}`` or a ``.jsonl`` file of ``{"image_path", "caption", "tags",
+  "image_size"}`` lines; caption = caption + caption_separator + tags (tags appended to each line).
+
+Everything that can be wrong with the files (missing folder, unreadable image header, non-UTF-8
+or empty caption, image named in the metadata but absent) is reported here, at build time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from library.data.buckets import Placement
+from library.data.captions import read_caption_file
+from library.data.errors import DatasetError
+from library.data.images import IMAGE_EXTENSIONS, list_images, parse_face_suffix, read_image_size
+from library.data.params import DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
+from library.io_utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+INFO_CACHE_NAME = "metadata_cache.json"
+_PROGRESS_MIN = 500  # show a progress bar when scanning at least this many images
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class ImageInfo:
+    """One image of one dataset (the same file in two datasets has two ImageInfos)."""
+
+    image_key: str  # the file path for DreamBooth, the metadata key for fine-tuning
+    path: Path
+    caption: str  # raw caption (several lines when wildcards are on)
+    num_repeats: int
+    is_reg: bool
+    image_size: tuple[int, int]  # original (w, h)
+    subset: SubsetParams
+    face: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the file name
+    placement: Placement | None = None  # set by the dataset's bucketing
+    crop_ltrb: tuple[int, int, int, int] | None = None
+    # Filled by latent caching: in memory, or the npz read for every batch.
+    latents: torch.Tensor | None = None
+    latents_flipped: torch.Tensor | None = None
+    cached_alpha_mask: torch.Tensor | None = None
+    latents_npz: Path | None = None
+
+    @property
+    def has_cached_latents(self) -> bool:
+        return self.latents is not None or self.latents_npz is not None
+
+
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which part of a shuffled image list a dataset keeps (§3.8 hook).
+
+    The list is shuffled with ``seed``; the training part is the first ceil(n * (1 - fraction))
+    items and the validation part the rest, so the two never overlap.
+    """
+
+    fraction: float
+    seed: int
+    part: Literal["train", "validation"]
+
+    def select(self, items: Sequence[T]) -> list[T]:
+        order = list(items)
+        random.Random(self.seed).shuffle(order)
+        n_train = math.ceil(len(order) * (1 - self.fraction))
+        return order[:n_train] if self.part == "train" else order[n_train:]
+
+
+def _caption_extension(ext: str) -> str:
+    return ext if ext.startswith(".") else "." + ext
+
+
+def _find_caption(image: Path, subset: DreamBoothSubsetParams) -> str | None:
+    ext = _caption_extension(subset.caption_extension)
+    stems = [image.stem]
+    base, face = parse_face_suffix(image.stem)
+    if face is not None:
+        stems.append(base)
+    for stem in stems:
+        candidate = image.with_name(stem + ext)
+        if candidate.is_file():
+            return read_caption_file(candidate, enable_wildcard=subset.enable_wildcard)
+    return None
+
+
+def _read_info_cache(folder: Path) -> dict[str, dict]:
+    path = folder / INFO_CACHE_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring unreadable %s (%s); it will be rewritten", path, e)
+        return {}
+
+
+def _write_info_cache(folder: Path, infos: list[ImageInfo], raw_captions: dict[str, str | None]) -> None:
+    data = {str(i.path): {"caption": raw_captions[str(i.path)], "resolution": list(i.image_size)} for i in infos}
+    with atomic_path(folder / INFO_CACHE_NAME) as tmp:
+        Path(tmp).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def load_dreambooth_subset(subset: DreamBoothSubsetParams, *, split: ValidationSplit | None = None) -> list[ImageInfo]:
+    """ImageInfos of a DreamBooth subset (repeats = ``num_repeats``); errors name the file."""
+    folder = subset.image_dir
+    if folder is None:
+        raise DatasetError(f"{subset.where}: image_dir is not set: point it to the folder holding the images")
+    if not folder.is_dir():
+        raise DatasetError(f"{subset.where}: image_dir {folder} does not exist or is not a folder")
+    paths = list_images(folder)
+    if split is not None:
+        paths = sorted(split.select(paths), key=lambda p: p.name)
+    cache = _read_info_cache(folder) if subset.cache_info else {}
+    raw_captions: dict[str, str | None] = {}
+    infos: list[ImageInfo] = []
+    scanned = 0  # images not found in the info cache
+    for path in tqdm(paths, desc=f"scanning {folder.name}", disable=len(paths) < _PROGRESS_MIN, leave=False):
+        entry = cache.get(str(path))
+        if entry is not None:
+            caption, size = entry.get("caption"), tuple(entry["resolution"])
+        else:
+            caption, size = _find_caption(path, subset), read_image_size(path)
+            scanned += 1
+        raw_captions[str(path)] = caption
+        face = parse_face_suffix(path.stem)[1] if subset.face_crop_aug_range else None
+        infos.append(ImageInfo(image_key=str(path), path=path, caption=caption if caption is not None else "",
+                               num_repeats=subset.num_repeats, is_reg=subset.is_reg,
+                               image_size=(int(size[0]), int(size[1])), subset=subset, face=face))
+    missing = [i for i in infos if raw_captions[i.image_key] is None]
+    if missing:
+        if subset.class_tokens:
+            for info in missing:
+                info.caption = subset.class_tokens
+        else:
+            logger.warning("%d image(s) in %s have no %s caption file and the subset has no class_tokens: "
+                           "their caption is empty (first: %s)", len(missing), folder,
+                           _caption_extension(subset.caption_extension), missing[0].path.name)
+    if subset.cache_info and scanned:
+        _write_info_cache(folder, infos, raw_captions)
+    return infos
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+
+
+def _read_metadata(path: Path) -> dict[str, dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"metadata file {path} is not UTF-8: re-save it with UTF-8 encoding") from e
+    except OSError as e:
+        raise DatasetError(f"cannot read metadata file {path}: {e.strerror or e}") from e
+    try:
+        if path.suffix.lower() == ".jsonl":
+            entries: dict[str, dict] = {}
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    item = json.loads(line)
+                    if "image_path" not in item:
+                        raise DatasetError(f"metadata file {path} line {n}: missing \"image_path\"")
+                    entries[str(item["image_path"])] = item
+            return entries
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"metadata file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"metadata file {path} must hold a JSON object {{image key: {{caption, tags}}}}")
+    return data
+
+
+def _resolve_image(key: str, image_dir: Path | None, metadata_file: Path) -> Path:
+    direct = Path(key)
+    if direct.is_absolute() and direct.is_file():
+        return direct
+    if image_dir is not None:
+        candidate = image_dir / key
+        if candidate.is_file():
+            return candidate
+        for ext in IMAGE_EXTENSIONS:
+            for variant in (ext, ext.upper()):
+                candidate = image_dir / (key + variant)
+                if candidate.is_file():
+                    return candidate
+    if direct.is_file():
+        return direct
+    where = f"in image_dir {image_dir}" if image_dir is not None else "(no image_dir set for relative keys)"
+    raise DatasetError(f"{metadata_file}: image for key '{key}' not found {where}: "
+                       "fix the key, set image_dir, or remove the entry")
+
+
+def _fine_tuning_caption(meta: dict, subset: FineTuningSubsetParams) -> str | None:
+    caption, tags = meta.get("caption"), meta.get("tags")
+    caption = caption.strip() if isinstance(caption, str) and caption.strip() else None
+    tags = tags.strip() if isinstance(tags, str) and tags.strip() else None
+    if caption is None:
+        return tags
+    if tags is None:
+        return caption
+    lines = caption.split("\n") if subset.enable_wildcard else [caption]
+    return "\n".join(line + subset.caption_separator + tags for line in lines)
+
+
+def load_fine_tuning_subset(subset: FineTuningSubsetParams) -> list[ImageInfo]:
+    """ImageInfos of a fine-tuning subset from its metadata file."""
+    meta_path = subset.metadata_file
+    if meta_path is None or not meta_path.is_file():
+        raise DatasetError(f"{subset.where}: metadata_file {meta_path} does not exist")
+    entries = _read_metadata(meta_path)
+    infos: list[ImageInfo] = []
+    no_caption = 0
+    for key, meta in tqdm(entries.items(), desc=f"reading {meta_path.name}", disable=len(entries) < _PROGRESS_MIN,
+                          leave=False):
+        path = _resolve_image(key, subset.image_dir, meta_path)
+        caption = _fine_tuning_caption(meta, subset)
+        if caption is None:
+            no_caption += 1
+            caption = ""
+        size = meta.get("image_size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            size = read_image_size(path)
+        face = parse_face_suffix(path.stem)[1] if subset.face_crop_aug_range else None
+        infos.append(ImageInfo(image_key=key, path=path, caption=caption, num_repeats=subset.num_repeats,
+                               is_reg=False, image_size=(int(size[0]), int(size[1])), subset=subset, face=face))
+    if no_caption:
+        logger.warning("%s: %d entries have neither caption nor tags; their caption is empty", meta_path, no_caption)
+    return infos
+
+
+def balance_reg_images(train: list[ImageInfo], reg: list[ImageInfo]) -> list[ImageInfo]:
+    """The regularization images used, with repeats raised so they match the training images.
+
+    Reg images are taken in order (each counting its subset's repeats) until their total reaches
+    the total of training images x repeats; if all are taken and it is still short, the repeats of
+    the taken images are raised by one in turn. Reg images past that point are not used.
+    """
+    target = sum(info.num_repeats for info in train)
+    used: list[ImageInfo] = []
+    total = 0
+    for info in reg:
+        if total >= target:
+            break
+        used.append(info)
+        total += info.num_repeats
+    turn = 0
+    while used and total < target:
+        used[turn % len(used)].num_repeats += 1
+        total += 1
+        turn += 1
+    if len(used) < len(reg):
+        logger.warning("%d of %d regularization images are not used: there are fewer training images x repeats (%d)",
+                       len(reg) - len(used), len(reg), target)
+    return used

@@ -1,0 +1,306 @@
+"""Dataset configuration: from ``--dataset_config`` or the CLI-only flags to a dataset group.
+
+Each setting is resolved subset -> dataset -> ``[general]`` -> command line -> built-in default.
+The command line takes part with every dataset flag *including its argparse default* (e.g.
+``--caption_extension`` ".caption"), so a value written in the TOML always wins and the flags fill
+what the TOML leaves out. ``batch_size`` falls back to ``--train_batch_size`` and ``num_repeats``
+to ``--dataset_repeats``; ``--caption_extention`` (old spelling) overrides ``--caption_extension``.
+
+CLI-only mode (no ``--dataset_config``): ``--train_data_dir`` holds one DreamBooth subset per
+sub-folder named ``<repeats>_<class tokens>``; ``--reg_data_dir`` the same for regularization
+images; ``--in_json`` makes one fine-tuning subset (images in ``--train_data_dir``, repeats
+``--dataset_repeats``). ``--dataset_class pkg.module.Class`` replaces all of this.
+
+Errors are :class:`~library.data.errors.DatasetError` with the file, folder or key path at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import toml
+import torch
+
+from library.data.config_schema import validate_config
+from library.data.custom import load_custom_dataset
+from library.data.dataset import make_dataset
+from library.data.errors import DatasetError
+from library.data.group import DatasetGroup
+from library.data.images import is_image_file
+from library.data.params import DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
+from library.data.subsets import ValidationSplit
+
+logger = logging.getLogger(__name__)
+
+_FOLDER_NAME = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)
+# TOML key -> argparse destination, where they differ.
+_CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
+_PATH_FIELDS = {"image_dir", "metadata_file"}
+_NON_RESOLVED = {"kind", "subsets", "where"}
+
+
+# ------------------------------------------------------------------------------ CLI values
+
+
+def _parse_pair(text: str, flag: str, cast: Callable[[str], Any]) -> tuple:
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(cast(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1 and flag == "--resolution":
+        values = values * 2
+    if len(values) != 2:
+        raise DatasetError(f"{flag} {text!r}: expected two comma-separated numbers" +
+                           (" or one size" if flag == "--resolution" else ""))
+    return values
+
+
+def cli_values(args) -> dict[str, Any]:
+    """The dataset flags of ``args`` as TOML key -> value (None values left out), converted."""
+    names = {f.name for cls in (DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams)
+             for f in dataclasses.fields(cls)} - _NON_RESOLVED - _PATH_FIELDS
+    out: dict[str, Any] = {}
+    for name in names:
+        value = getattr(args, _CLI_NAMES.get(name, name), None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "caption_extention", None) is not None:
+        out["caption_extension"] = args.caption_extention
+    if isinstance(out.get("resolution"), str):
+        out["resolution"] = _parse_pair(out["resolution"], "--resolution", int)
+    if isinstance(out.get("face_crop_aug_range"), str):
+        out["face_crop_aug_range"] = _parse_pair(out["face_crop_aug_range"], "--face_crop_aug_range", float)
+    return out
+
+
+# ------------------------------------------------------------------------------ resolution
+
+
+def _normalize(name: str, value: Any) -> Any:
+    if name == "resolution" and isinstance(value, int):
+        return (value, value)
+    if name in ("resolution", "face_crop_aug_range") and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if name in _PATH_FIELDS and value is not None:
+        return Path(value).expanduser()
+    if name == "custom_attributes":
+        return dict(value)
+    return value
+
+
+def _resolve(cls, layers: list[dict], cli: dict, fixed: dict) -> Any:
+    """Instantiate ``cls`` taking each field from ``fixed``, the first layer that has it, ``cli``, or the default."""
+    kwargs: dict[str, Any] = dict(fixed)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs or f.name in _NON_RESOLVED:
+            continue
+        for layer in [*layers, cli]:
+            if f.name in layer and layer[f.name] is not None:
+                kwargs[f.name] = _normalize(f.name, layer[f.name])
+                break
+    return cls(**kwargs)
+
+
+def _check_dataset(params: DatasetParams) -> None:
+    where = params.where
+    w, h = params.resolution
+    problems = []
+    if w <= 0 or h <= 0:
+        problems.append(f"resolution must be positive (got {w}x{h})")
+    if params.batch_size < 1:
+        problems.append(f"batch_size must be >= 1 (got {params.batch_size})")
+    if params.bucket_reso_steps < 1:
+        problems.append(f"bucket_reso_steps must be >= 1 (got {params.bucket_reso_steps})")
+    if not 0 <= params.validation_split < 1:
+        problems.append(f"validation_split must be in [0, 1) (got {params.validation_split})")
+    for s in params.subsets:
+        for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            if not 0 <= getattr(s, name) <= 1:
+                problems.append(f"{s.where}.{name} must be in [0, 1] (got {getattr(s, name)})")
+    if problems:
+        raise DatasetError(f"{where}: " + "; ".join(problems))
+
+
+def _dataset_kind(dataset: dict, where: str) -> str:
+    subsets = dataset.get("subsets", [])
+    if any("conditioning_data_dir" in s for s in subsets):
+        raise DatasetError(f"{where}: conditioning_data_dir (ControlNet datasets) is not supported by this script")
+    ft = [i for i, s in enumerate(subsets) if "metadata_file" in s]
+    if ft and len(ft) != len(subsets):
+        raise DatasetError(f"{where}: mixes fine-tuning subsets (with metadata_file) and DreamBooth subsets "
+                           "(image_dir only): put them in separate [[datasets]]")
+    if not ft:
+        for i, s in enumerate(subsets):
+            if "image_dir" not in s:
+                raise DatasetError(f"{where}.subsets[{i}]: image_dir is required for a DreamBooth subset "
+                                   "(or give metadata_file for a fine-tuning subset)")
+        return "dreambooth"
+    for i, s in enumerate(subsets):
+        wrong = sorted({"is_reg", "class_tokens", "caption_extension", "cache_info"} & set(s))
+        if wrong:
+            raise DatasetError(f"{where}.subsets[{i}]: {', '.join(wrong)} not valid in a fine-tuning subset "
+                               "(one with metadata_file): remove it")
+    return "fine_tuning"
+
+
+def blueprints_from_config(config: dict, args, *, source: str = "dataset config") -> list[DatasetParams]:
+    """Resolve a validated config into dataset blueprints (see the module docstring for the order)."""
+    cli = cli_values(args)
+    general = config.get("general", {})
+    blueprints = []
+    for d, dataset in enumerate(config.get("datasets", [])):
+        where = f"{source}: datasets[{d}]"
+        kind = _dataset_kind(dataset, where)
+        subset_cls = DreamBoothSubsetParams if kind == "dreambooth" else FineTuningSubsetParams
+        subsets = tuple(
+            _resolve(subset_cls, [subset, dataset, general], cli, {"where": f"{where}.subsets[{s}]"})
+            for s, subset in enumerate(dataset.get("subsets", []))
+        )
+        if all(layer.get("resolution") is None for layer in (dataset, general, cli)):
+            raise DatasetError(f"{where}: resolution is not set: add resolution to [[datasets]] or [general], "
+                               "or pass --resolution")
+        params = _resolve(DatasetParams, [dataset, general], cli, {"kind": kind, "subsets": subsets, "where": where})
+        _check_dataset(params)
+        blueprints.append(params)
+    if not blueprints:
+        raise DatasetError(f"{source}: no [[datasets]] defined: add at least one [[datasets]] "
+                           "with [[datasets.subsets]]")
+    return blueprints
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Read and validate a ``.toml`` or ``.json`` dataset config."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"--dataset_config {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else toml.loads(text)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"dataset config {path} is not UTF-8: re-save it with UTF-8 encoding") from e
+    except (ValueError, toml.TomlDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DatasetError(f"dataset config {path} cannot be parsed: {e}") from e
+    return validate_config(data, str(path))
+
+
+# ------------------------------------------------------------------------------ CLI-only
+
+
+def _no_data_message(flag: str, parent: Path, seen: list[str] | None = None) -> str:
+    if seen is None:
+        seen = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    loose = [p.name for p in parent.iterdir() if p.is_file() and is_image_file(p)] if parent.is_dir() else []
+    folders = ", ".join(repr(n) for n in seen) if seen else "none"
+    msg = (f"No data found in {flag} {parent}: images must be in sub-folders named '<repeats>_<name>', e.g. "
+           f"'10_sks dog' (10 repeats; 'sks dog' is the caption of images without a caption file). "
+           f"Sub-folders seen: {folders}.")
+    if loose:
+        msg += f" {len(loose)} image(s) lie directly in {parent}: move them into such a sub-folder."
+    return msg
+
+
+def _folder_subsets(parent: Path, *, is_reg: bool, flag: str, cli: dict) -> tuple[list[SubsetParams], list[str]]:
+    if not parent.is_dir():
+        raise DatasetError(f"{flag} {parent} does not exist or is not a folder")
+    subsets, seen = [], []
+    for child in sorted(p for p in parent.iterdir() if p.is_dir()):
+        seen.append(child.name)
+        m = _FOLDER_NAME.fullmatch(child.name)
+        if not m:
+            logger.warning("%s: sub-folder %r skipped: its name does not start with '<repeats>_'", flag, child.name)
+            continue
+        fixed = {"image_dir": child, "num_repeats": int(m[1]), "class_tokens": m[2] or None, "is_reg": is_reg,
+                 "where": str(child)}
+        subsets.append(_resolve(DreamBoothSubsetParams, [], cli, fixed))
+    return subsets, seen
+
+
+def blueprints_from_cli(args) -> list[DatasetParams]:
+    """Blueprint of the single dataset the CLI-only flags describe."""
+    cli = cli_values(args)
+    if cli.get("resolution") is None:
+        raise DatasetError("--resolution is not set: pass e.g. --resolution 512 (or 'width,height')")
+    train_dir = getattr(args, "train_data_dir", None)
+    if getattr(args, "in_json", None):
+        fixed = {"metadata_file": Path(args.in_json), "image_dir": Path(train_dir) if train_dir else None,
+                 "where": f"--in_json {args.in_json}"}
+        subsets: list[SubsetParams] = [_resolve(FineTuningSubsetParams, [], cli, fixed)]
+        kind = "fine_tuning"
+    else:
+        if not train_dir:
+            raise DatasetError("no training data: give --dataset_config, --train_data_dir or --in_json")
+        subsets, seen = _folder_subsets(Path(train_dir), is_reg=False, flag="--train_data_dir", cli=cli)
+        if not subsets:
+            raise DatasetError(_no_data_message("--train_data_dir", Path(train_dir), seen))
+        reg_dir = getattr(args, "reg_data_dir", None)
+        if reg_dir:
+            subsets += _folder_subsets(Path(reg_dir), is_reg=True, flag="--reg_data_dir", cli=cli)[0]
+        kind = "dreambooth"
+    params = _resolve(DatasetParams, [], cli, {"kind": kind, "subsets": tuple(subsets), "where": "dataset"})
+    _check_dataset(params)
+    return [params]
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def _split(params: DatasetParams, part: str, seed: int) -> ValidationSplit | None:
+    if params.validation_split <= 0 or not params.is_dreambooth:
+        return None
+    split_seed = params.validation_seed if params.validation_seed is not None else seed
+    return ValidationSplit(params.validation_split, split_seed, part)  # type: ignore[arg-type]
+
+
+def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] | None = None, latents_stride: int = 8,
+                        bucket_reso_steps_multiple: int | None = None) -> tuple[Any, DatasetGroup | None]:
+    """Build the training group and, when a dataset sets ``validation_split``, the validation group.
+
+    Reads images headers and captions now, so bad input fails here, before any model work.
+    ``args.seed`` fixes all data randomness (a random seed is drawn and logged when it is None).
+    """
+    if getattr(args, "dataset_class", None):
+        return load_custom_dataset(args.dataset_class, args, tokenize=tokenize), None
+    from_config = bool(getattr(args, "dataset_config", None))
+    if from_config:
+        ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, n, None)]
+        if ignored:
+            logger.warning("%s ignored: --dataset_config is given", ", ".join(ignored))
+        config = load_config_file(args.dataset_config)
+        blueprints = blueprints_from_config(config, args, source=str(args.dataset_config))
+    else:
+        blueprints = blueprints_from_cli(args)
+    seed = args.seed if getattr(args, "seed", None) is not None else random.randint(0, 2**31 - 1)
+    if getattr(args, "seed", None) is None:
+        logger.info("no --seed: data pipeline seed %d", seed)
+    for params in blueprints:
+        if params.validation_split > 0 and not params.is_dreambooth:
+            logger.warning("%s: validation_split is not supported for fine-tuning datasets; ignored", params.where)
+
+    prior_loss_weight = getattr(args, "prior_loss_weight", None)
+    common = dict(seed=seed, prior_loss_weight=1.0 if prior_loss_weight is None else prior_loss_weight,
+                  tokenize=tokenize,
+                  latents_stride=latents_stride, from_config=from_config,
+                  max_train_steps=getattr(args, "max_train_steps", 0) or 0)
+    train = DatasetGroup([make_dataset(p, index=i, split=_split(p, "train", seed)) for i, p in enumerate(blueprints)],
+                         **common)
+    if train.num_train_images == 0:
+        if from_config:
+            raise DatasetError(f"No training images found in any subset of {args.dataset_config}: "
+                               "check the image_dir / metadata_file paths and num_repeats")
+        raise DatasetError(_no_data_message("--train_data_dir", Path(args.train_data_dir or ".")) if not
+                           getattr(args, "in_json", None) else f"No images listed in --in_json {args.in_json}")
+    if bucket_reso_steps_multiple:
+        train.verify_bucket_reso_steps(bucket_reso_steps_multiple)
+
+    val_datasets = [make_dataset(p, index=i, split=_split(p, "validation", seed))
+                    for i, p in enumerate(blueprints) if _split(p, "validation", seed) is not None]
+    val_datasets = [ds for ds in val_datasets if len(ds)]
+    validation = DatasetGroup(val_datasets, **common) if val_datasets else None
+    return train, validation

@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: tiny SD checkpoints written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures.tiny_sd import write_tiny_sd_checkpoint, write_tiny_sd_diffusers
+
+# The suite runs on 2 CPU cores next to other work: keep torch from oversubscribing them.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_ckpt(tmp_path_factory) -> Path:
+    """A tiny SD1 single-file checkpoint (.safetensors, fp32, LDM keys)."""
+    return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("tiny_sd1") / "tiny_sd1.safetensors", v2=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_ckpt(tmp_path_factory) -> Path:
+    """A tiny SD2 single-file checkpoint (.safetensors, fp32, LDM keys, OpenCLIP text encoder)."""
+    return write_tiny_sd_checkpoint(tmp_path_factory.mktemp("tiny_sd2") / "tiny_sd2.safetensors", v2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_diffusers(tmp_path_factory) -> Path:
+    """The tiny SD1 model (same weights as ``tiny_sd1_ckpt``) as a Diffusers folder."""
+    return write_tiny_sd_diffusers(tmp_path_factory.mktemp("tiny_sd1_diffusers") / "model", v2=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_diffusers(tmp_path_factory) -> Path:
+    """The tiny SD2 model (same weights as ``tiny_sd2_ckpt``) as a Diffusers folder (linear projections)."""
+    return write_tiny_sd_diffusers(tmp_path_factory.mktemp("tiny_sd2_diffusers") / "model", v2=True)
