@@ -12,9 +12,7 @@ import sys
 
 from library.args import setup_network_parser
 from library.config_file import parse_args_with_config
-from library.families.sd.family import StableDiffusionFamily
 from library.log import setup_logging
-from library.training.trainer import NetworkTrainer
 
 
 def setup_parser():
@@ -25,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = setup_parser()
     args = parse_args_with_config(parser, argv)
     setup_logging(args)
+    # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
+    from library.families.sd.family import StableDiffusionFamily
+    from library.training.trainer import NetworkTrainer
+
     NetworkTrainer(StableDiffusionFamily()).train(args)
 
 

@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from safetensors.torch import save as safetensors_bytes
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are written, so flag parsing stays fast
+    import torch
 
 
 @contextlib.contextmanager
@@ -41,8 +42,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[str]:
         raise
 
 
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(state_dict: dict[str, "torch.Tensor"], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Atomically write a safetensors file (tensors made contiguous, metadata values strings)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
@@ -50,19 +53,23 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 def save_torch(obj, path: str | os.PathLike) -> None:
     """Atomically ``torch.save`` an object (used for ``.ckpt``/``.pt`` outputs)."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 # --- hashes ------------------------------------------------------------------------------------
 
-def addnet_hashes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+def addnet_hashes(state_dict: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> tuple[str, str]:
     """The two hashes sd-webui-additional-networks shows for a LoRA file.
 
     Computed on the in-memory safetensors serialization carrying only the ``ss_*`` metadata, as
     that extension does: ``sshs_model_hash`` is the sha256 of the tensor data (header skipped),
     ``sshs_legacy_hash`` the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB.
     """
+    from safetensors.torch import save as safetensors_bytes
+
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     blob = safetensors_bytes(tensors, metadata=ss_only)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures.tiny_sd import write_tiny_sd_checkpoint, write_tiny_sd_diffusers
+from library.demo.tiny_sd import write_tiny_sd_checkpoint, write_tiny_sd_diffusers
 
 # The suite runs on 2 CPU cores next to other work: keep torch from oversubscribing them.
 torch.set_num_threads(2)

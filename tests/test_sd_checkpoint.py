@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from library.families.sd import checkpoint as ckpt
 from library.families.sd.checkpoint import CheckpointError, TextEncoderShape, UNetShape, VAEShape
 from library.families.sd.loading import load_sd_models, load_vae
-from tests.fixtures.tiny_sd import (
+from library.demo.tiny_sd import (
     build_tiny_sd,
     build_tiny_vae,
     tiny_text_config,

@@ -10,7 +10,7 @@ from library.families.sd import text
 from library.families.sd import tokenizer as tokenizer_module
 from library.families.sd.loading import load_sd_models
 from library.families.sd.tokenizer import build_clip_tokenizer, load_clip_tokenizer
-from tests.fixtures.tiny_sd import build_tiny_sd
+from library.demo.tiny_sd import build_tiny_sd
 
 BOS, EOS = 49406, 49407
 LONG = "a very detailed painting of a red fox sitting in a snowy forest at dawn, " * 8  # well over 150 tokens

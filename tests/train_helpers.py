@@ -1,4 +1,4 @@
-"""Running the entry scripts as users do (a subprocess) and measuring what a trained LoRA does."""
+"""Running the entry scripts as users do: a subprocess with a kohya-style command line."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,38 +38,3 @@ def base_train_args(model: Path, out: Path, **overrides) -> list[str]:
     return argv
 
 
-def load_images(paths: list[Path], size: int = 64) -> torch.Tensor:
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) / 127.5 - 1 for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-@torch.no_grad()
-def denoising_loss(model_path: Path, lora_path: Path | None, images: torch.Tensor, captions: list[str], *,
-                   v2: bool = False, v_parameterization: bool = False, multiplier: float = 1.0,
-                   timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> float:
-    """Mean denoising MSE of the base model (+ LoRA) on fixed images, noise and timesteps."""
-    from library.families.ddpm import DDPMObjective
-    from library.families.sd import text
-    from library.families.sd.family import LATENT_SCALE
-    from library.families.sd.loading import load_sd_models
-    import networks.lora as lora
-
-    sd = load_sd_models(str(model_path), v2=v2)
-    if lora_path is not None:
-        network, _ = lora.create_network_from_weights(multiplier, str(lora_path), sd.vae, sd.text_encoder, sd.unet)
-        network.apply_to(sd.text_encoder, sd.unet, True, True)
-        network.load_weights(str(lora_path))
-        network.set_multiplier(multiplier)
-    objective = DDPMObjective(v_parameterization)
-    latents = sd.vae.encode(images).latent_dist.mean * LATENT_SCALE
-    cond = text.encode(sd.text_encoder, text.tokenize(sd.tokenizer, captions, max_token_length=None),
-                       clip_skip=None, max_token_length=None)
-    generator = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for t in timesteps:
-        noise = torch.randn(latents.shape, generator=generator)
-        ts = torch.full((latents.shape[0],), t, dtype=torch.long)
-        noisy, target = objective.noisy_latents_and_target(latents, noise, ts)
-        pred = sd.unet(noisy, ts, cond).sample
-        total += torch.nn.functional.mse_loss(pred, target).item()
-    return total / len(timesteps)
