@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -29,9 +30,12 @@ def trained_cli_run(tmp_path_factory, tiny_sd1_ckpt):
     root = tmp_path_factory.mktemp("cli_run")
     images = write_shapes_folder(root / "train" / "5_sks", 4, seed=1, trigger="sks")
     out = root / "out"
+    prompts = root / "prompts.txt"
+    prompts.write_text("# previews\nsks, a red circle --w 64 --h 64 --s 3 --d 5\nsks --n blurry --w 64 --h 64 --s 2\n")
     args = base_train_args(tiny_sd1_ckpt, out, train_data_dir=root / "train", caption_extension=".txt",
                            max_train_steps=None, max_train_epochs=6, save_every_n_epochs=2,
-                           learning_rate=3e-3, network_dim=8, network_alpha=4)
+                           learning_rate=3e-3, network_dim=8, network_alpha=4, logging_dir=root / "logs",
+                           sample_prompts=prompts, sample_every_n_epochs=3, sample_sampler="euler")
     run_script("train_network.py", args)
     return root, out, images
 
@@ -39,9 +43,44 @@ def trained_cli_run(tmp_path_factory, tiny_sd1_ckpt):
 @pytest.mark.slow
 def test_cli_run_writes_kohya_file_names(trained_cli_run):
     _, out, _ = trained_cli_run
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
     # 5 repeats x 4 images / batch 2 = 10 steps an epoch, 6 epochs; epoch saves at 2 and 4, final as lora.
     assert names == ["lora-000002.safetensors", "lora-000004.safetensors", "lora.safetensors"]
+    samples = sorted(p.name for p in (out / "sample").iterdir())
+    assert len(samples) == 4  # 2 prompts at epochs 3 and 6
+    assert [n.split("_")[1:3] for n in samples] == [["e000003", "00"], ["e000003", "01"], ["e000006", "00"],
+                                                     ["e000006", "01"]]
+    assert samples[0].endswith("_5.png")  # the prompt's --d seed is in the name
+
+
+@pytest.mark.slow
+def test_tensorboard_has_every_step(trained_cli_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, _ = trained_cli_run
+    events = list((root / "logs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    current = acc.Scalars("loss/current")
+    assert [e.step for e in current] == list(range(1, 61))
+    assert all(e.value > 0 for e in current)
+    assert len(acc.Scalars("loss/epoch_average")) == 6
+    assert all(e.value == pytest.approx(3e-3) for e in acc.Scalars("lr/textencoder"))
+    assert len(acc.Scalars("lr/unet")) == 60
+
+
+@pytest.mark.slow
+def test_continue_from_weights_takes_rank_from_file(trained_cli_run, tiny_sd1_ckpt):
+    root, out, _ = trained_cli_run
+    out2 = root / "continued"
+    run_script("train_network.py", base_train_args(
+        tiny_sd1_ckpt, out2, train_data_dir=root / "train", caption_extension=".txt", max_train_steps=1,
+        network_weights=out / "lora.safetensors", dim_from_weights=True, network_dim=2, learning_rate=1e-9))
+    start, end = load_file(str(out / "lora.safetensors")), load_file(str(out2 / "lora.safetensors"))
+    assert {k: v.shape for k, v in start.items()} == {k: v.shape for k, v in end.items()}  # rank 8, not 2
+    for key in start:  # one step at lr 1e-9: the trained weights were loaded, not re-initialised
+        assert torch.allclose(start[key], end[key], atol=1e-6), key
 
 
 @pytest.mark.slow

@@ -22,11 +22,13 @@ def read_metadata(path) -> dict[str, str]:
 @pytest.mark.slow
 def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffusers):
     write_shapes_folder(tmp_path / "imgs", 3, seed=2)
+    write_shapes_folder(tmp_path / "reg", 2, seed=9, caption_extension=None)
     dataset = tmp_path / "dataset.toml"
     dataset.write_text(toml.dumps({
         "general": {"caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 1},
         "datasets": [{"resolution": 64, "batch_size": 1,
-                      "subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeats": 2}]}],
+                      "subsets": [{"image_dir": str(tmp_path / "imgs"), "num_repeats": 2},
+                                  {"image_dir": str(tmp_path / "reg"), "is_reg": True, "class_tokens": "shape"}]}],
     }))
     out = tmp_path / "out"
     config = tmp_path / "args.toml"
@@ -37,7 +39,9 @@ def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffu
                      "network_dim": 4, "dataset_config": str(dataset), "save_every_n_steps": 2},
     }))
     # command line beats the file: network_dim 2
-    run_script("train_network.py", ["--config_file", config, "--network_dim", "2", "--console_log_simple"])
+    run_script("train_network.py", ["--config_file", config, "--network_dim", "2", "--console_log_simple",
+                                    "--prior_loss_weight", "0.5", "--gradient_checkpointing",
+                                    "--mixed_precision", "bf16", "--fp8_base"])
     saved = load_file(str(out / "v2lora.safetensors"))
     assert {tuple(v.shape)[0] for k, v in saved.items() if k.endswith("lora_down.weight")} == {2}
     proj_in = [v for k, v in saved.items() if k.endswith("proj_in.lora_down.weight")]
@@ -46,6 +50,8 @@ def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffu
     assert metadata["ss_base_model_version"] == "sd_v2_v"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert "ss_datasets" in metadata
+    assert metadata["ss_num_reg_images"] == "2" and metadata["ss_prior_loss_weight"] == "0.5"
+    assert metadata["ss_mixed_precision"] == "bf16" and metadata["ss_fp8_base"] == "True"
     assert (out / "v2lora-step00000002.safetensors").is_file()
 
 

@@ -35,7 +35,6 @@ def make_accelerator(args) -> Accelerator:
         log_with=None if log_with is None else (["tensorboard", "wandb"] if log_with == "all" else log_with),
         project_config=project_config,
         kwargs_handlers=handlers or None,
-        dynamo_backend=args.dynamo_backend if args.torch_compile else None,
     )
 
 
@@ -58,3 +57,19 @@ def allow_fp16_gradients(accelerator: Accelerator) -> None:
         return original(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = unscale
+
+
+def store_in_fp8(model: torch.nn.Module) -> int:
+    """Store the weights of ``model``'s Linear and Conv2d layers as float8_e4m3fn (``--fp8_base``).
+
+    Those layers hold nearly all the parameters; under autocast their matmuls/convolutions read the
+    fp8 weights in the compute dtype. Norms and embeddings stay in the compute dtype because their
+    kernels (group_norm on CPU, embedding lookups) do not accept fp8 parameters.
+    Returns the number of layers converted.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.to(dtype=torch.float8_e4m3fn)
+            count += 1
+    return count

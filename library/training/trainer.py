@@ -28,7 +28,7 @@ from library.args import ArgumentError
 from library.families.base import FamilyModels, ModelFamily
 from library.log import setup_logging
 from library.training import metadata as md
-from library.training.accelerator import allow_fp16_gradients, make_accelerator, weight_dtypes
+from library.training.accelerator import allow_fp16_gradients, make_accelerator, store_in_fp8, weight_dtypes
 from library.training.data_order import EpochShuffleSampler, make_dataloader
 from library.training.loss_log import LossLog
 from library.training.optimizer import choose_optimizer, make_lr_scheduler, make_optimizer, steps_per_epoch
@@ -195,13 +195,17 @@ class NetworkTrainer:
         if not args.cache_latents:
             _place(models.vae, accelerator.device, torch.float32 if args.no_half_vae else weight_dtype)
         if args.fp8_base or args.fp8_base_unet:
-            models.denoiser.to(dtype=torch.float8_e4m3fn)
+            logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
         if args.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()
             if train_te:
                 for te in models.text_encoders:
                     te.gradient_checkpointing_enable()
             network.enable_gradient_checkpointing()
+        if args.torch_compile:
+            # Compiled after the network is applied, so the LoRA forwards are part of the graph. The
+            # accelerate-level compile would wrap the network module, whose forward is never called.
+            models.denoiser.compile(backend=args.dynamo_backend)
         # Train mode makes checkpointing active; the base models have no dropout that would change.
         models.denoiser.train(args.gradient_checkpointing)
         for te in models.text_encoders:

@@ -36,6 +36,9 @@ class StableDiffusionFamily(ModelFamily):
 
         sd = load_sd_models(args.pretrained_model_name_or_path, v2=args.v2, vae_path=args.vae,
                             tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=torch.float32, device="cpu")
+        if args.xformers:  # validation already checked that the package is installed
+            sd.unet.enable_xformers_memory_efficient_attention()
+            sd.vae.enable_xformers_memory_efficient_attention()
         return FamilyModels(denoiser=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder],
                             tokenizers=[sd.tokenizer],
                             extra={"objective": DDPMObjective(args.v_parameterization), "sd": sd})
@@ -59,9 +62,8 @@ class StableDiffusionFamily(ModelFamily):
         noise = torch.randn_like(latents)
         timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
         noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
-        unet = models.denoiser
-        dtype = unet.dtype if unet.dtype != torch.float8_e4m3fn else conditioning.dtype
-        pred = unet(noisy.to(dtype), timesteps, conditioning.to(dtype)).sample
+        dtype = conditioning.dtype  # the compute dtype (the U-Net may store some weights in fp8)
+        pred = models.denoiser(noisy.to(dtype), timesteps, conditioning).sample
         return Prediction(pred=pred, target=target, timesteps=timesteps)
 
     # --- output --------------------------------------------------------------------------------
