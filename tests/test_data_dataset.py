@@ -14,8 +14,9 @@ from library.data.collate import collate_batch
 from library.data.errors import DatasetError
 from library.dataset_config import build_dataset_group
 from tests.data_helpers import parse, write_folder, write_image
+from tests.reference import load_reference
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lora_metadata_sd1_example.json"
+
 
 
 def group_for(tmp_path: Path, **flags):
@@ -175,7 +176,7 @@ def test_flat_metadata_matches_reference_formats(tmp_path):
     group = group_for(tmp_path, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32)
     md = group.metadata(parse(resolution=64, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128),
                         num_processes=2, gradient_accumulation_steps=3)
-    reference = json.loads(REFERENCE.read_text())
+    reference = load_reference("lora_metadata_sd1_example.json")
     dataset_keys = {"ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_color_aug", "ss_flip_aug",
                     "ss_random_crop", "ss_shuffle_caption", "ss_enable_bucket", "ss_bucket_no_upscale",
                     "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_keep_tokens", "ss_dataset_dirs",

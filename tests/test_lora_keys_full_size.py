@@ -7,8 +7,6 @@ are the names ComfyUI, A1111/Forge and diffusers look for.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +14,11 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from networks import lora
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lora_keys.json"
-
+from tests.reference import load_reference
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict[str, list[int]]]:
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference file not found: {REFERENCE}")
-    return json.loads(REFERENCE.read_text())
+    return load_reference("lora_keys.json")
 
 
 def sd1_models():
@@ -103,3 +97,21 @@ def test_transformers5_path_gets_text_model_level():
     assert scope.lora_name("text_model.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
     several = lora.sd_scopes([text_encoder, text_encoder], None)
     assert [s.prefix for s in several] == ["lora_te1", "lora_te2"]
+
+
+@pytest.mark.parametrize("case,network_args", [("sd1_lora_dim8", {}),
+                                                ("sd1_lora_dim8_conv4", {"conv_dim": "4", "conv_alpha": "1"})])
+def test_reference_checkpoint_keys_to_reference_lora_keys(reference, case, network_args):
+    """The whole chain users hit, at full size: the keys of a real SD1.5 single file -> our config
+    inference -> models on the meta device -> LoRA. Its keys and shapes must be the reference LoRA's."""
+    from library.families.sd.checkpoint import infer_text_encoder_shape, infer_unet_shape
+
+    ckpt = {k: torch.empty(shape, device="meta") for k, shape in
+            load_reference("checkpoint_keys.json")["sd15_single_file_keys"].items()}
+    unet_config = infer_unet_shape(ckpt).diffusers_config(v2=False)
+    text_config = CLIPTextConfig(**infer_text_encoder_shape(ckpt).transformers_config())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        text_encoder = CLIPTextModel(text_config)
+        network = lora.create_network(1.0, 8, 4, None, text_encoder, unet, **network_args)
+    assert_same_keys(network_shapes(network), reference[case])

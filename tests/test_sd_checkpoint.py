@@ -31,9 +31,9 @@ from library.demo.tiny_sd import (
     tiny_vae_config,
     write_tiny_sd_checkpoint,
 )
+from tests.reference import load_reference
 
-REFERENCE_KEYS = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared/reference/checkpoint_keys.json").read_text())
+REFERENCE_KEYS = load_reference("checkpoint_keys.json")
 SD15_KEYS: dict[str, list[int]] = REFERENCE_KEYS["sd15_single_file_keys"]
 
 # Single-file tensors that no model parameter holds and that the loader keeps as extras. The

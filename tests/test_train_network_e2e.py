@@ -14,9 +14,9 @@ from library.io_utils import addnet_hashes
 from library.demo.shapes import write_shapes_folder
 from library.demo.evaluate import denoising_loss, load_images
 from tests.train_helpers import base_train_args, run_script
+from tests.reference import load_reference
 
-REFERENCE_METADATA = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared/reference/lora_metadata_sd1_example.json").read_text())
+REFERENCE_METADATA = load_reference("lora_metadata_sd1_example.json")
 
 
 def read_metadata(path: Path) -> dict[str, str]:
