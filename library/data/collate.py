@@ -56,6 +56,22 @@ class TrainingProgress:
         self._values[self._MAX_STEPS] = int(value)
 
 
+class FollowsTrainingProgress:
+    """The trainer-facing setters of a dataset whose ``progress`` is a :class:`TrainingProgress`."""
+
+    progress: TrainingProgress
+
+    def set_current_epoch(self, epoch: int) -> None:
+        """Epochs count from 1 (caption_dropout_every_n_epochs drops in epochs N, 2N, ...)."""
+        self.progress.epoch = epoch
+
+    def set_current_step(self, step: int) -> None:
+        self.progress.step = step
+
+    def set_max_train_steps(self, max_train_steps: int) -> None:
+        self.progress.max_train_steps = max_train_steps
+
+
 def collate_batch(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Unwrap the batch-of-one the DataLoader builds around each pre-batched dataset item."""
     if len(examples) != 1:

@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from library.data.collate import TrainingProgress
+from library.data.collate import FollowsTrainingProgress, TrainingProgress
 from library.data.errors import DatasetError
 
 
-class MinimalDataset(torch.utils.data.Dataset):
+class MinimalDataset(FollowsTrainingProgress, torch.utils.data.Dataset):
     """Base class for ``--dataset_class``; override ``__len__`` and ``__getitem__``."""
 
     num_train_images: int = 0
@@ -37,14 +37,6 @@ class MinimalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def set_current_epoch(self, epoch: int) -> None:
-        self.progress.epoch = epoch
-
-    def set_current_step(self, step: int) -> None:
-        self.progress.step = step
-
-    def set_max_train_steps(self, max_train_steps: int) -> None:
-        self.progress.max_train_steps = max_train_steps
 
     def is_latent_cacheable(self) -> bool:
         return False

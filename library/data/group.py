@@ -17,7 +17,7 @@ import torch
 
 from library.data import latent_cache
 from library.data.captions import TrainingPosition
-from library.data.collate import TrainingProgress
+from library.data.collate import FollowsTrainingProgress, TrainingProgress
 from library.data.errors import DatasetError
 from library.data.metadata import dataset_metadata
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 Tokenize = Callable[[list[str]], torch.Tensor]
 
 
-class DatasetGroup(torch.utils.data.Dataset):
+class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
     """Concatenation of :class:`~library.data.dataset.BucketedDataset`; items are batch dicts.
 
     ``seed`` fixes every random choice of the data pipeline together with the epoch; it is stored
@@ -68,15 +68,6 @@ class DatasetGroup(torch.utils.data.Dataset):
         return batch
 
     # ----------------------------------------------------------------- training position
-    def set_current_epoch(self, epoch: int) -> None:
-        """Epochs count from 1 (caption_dropout_every_n_epochs drops in epochs N, 2N, ...)."""
-        self.progress.epoch = epoch
-
-    def set_current_step(self, step: int) -> None:
-        self.progress.step = step
-
-    def set_max_train_steps(self, max_train_steps: int) -> None:
-        self.progress.max_train_steps = max_train_steps
 
     def add_replacement(self, old: str, new: str) -> None:
         """Replace ``old`` by ``new`` in every caption (textual inversion token strings)."""

@@ -8,7 +8,7 @@ Field names are the TOML key names, so the schema, the resolution and these clas
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,21 +56,8 @@ class SubsetParams:
         return self.image_dir.name if self.image_dir is not None else ""
 
     def caption_options(self) -> CaptionOptions:
-        return CaptionOptions(
-            shuffle_caption=self.shuffle_caption,
-            caption_separator=self.caption_separator,
-            keep_tokens=self.keep_tokens,
-            keep_tokens_separator=self.keep_tokens_separator,
-            secondary_separator=self.secondary_separator,
-            enable_wildcard=self.enable_wildcard,
-            caption_prefix=self.caption_prefix,
-            caption_suffix=self.caption_suffix,
-            caption_dropout_rate=self.caption_dropout_rate,
-            caption_dropout_every_n_epochs=self.caption_dropout_every_n_epochs,
-            caption_tag_dropout_rate=self.caption_tag_dropout_rate,
-            token_warmup_min=self.token_warmup_min,
-            token_warmup_step=self.token_warmup_step,
-        )
+        """The caption settings, by name: every CaptionOptions field is also a subset key."""
+        return CaptionOptions(**{f.name: getattr(self, f.name) for f in fields(CaptionOptions)})
 
     def uncacheable_reason(self, *, face_crop: bool = True) -> str | None:
         """Why latents of this subset cannot be cached (they change every epoch), or None.
