@@ -67,8 +67,6 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
             batch["input_ids"] = self.tokenize(batch["captions"])
         return batch
 
-    # ----------------------------------------------------------------- training position
-
     def add_replacement(self, old: str, new: str) -> None:
         """Replace ``old`` by ``new`` in every caption (textual inversion token strings)."""
         self.replacements[old] = new
