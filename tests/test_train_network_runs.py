@@ -41,7 +41,7 @@ def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffu
     # command line beats the file: network_dim 2
     run_script("train_network.py", ["--config_file", config, "--network_dim", "2", "--console_log_simple",
                                     "--prior_loss_weight", "0.5", "--gradient_checkpointing",
-                                    "--mixed_precision", "bf16", "--fp8_base"])
+                                    "--mixed_precision", "bf16", "--fp8_base", "--save_state_on_train_end"])
     saved = load_file(str(out / "v2lora.safetensors"))
     assert {tuple(v.shape)[0] for k, v in saved.items() if k.endswith("lora_down.weight")} == {2}
     proj_in = [v for k, v in saved.items() if k.endswith("proj_in.lora_down.weight")]
@@ -53,6 +53,9 @@ def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffu
     assert metadata["ss_num_reg_images"] == "2" and metadata["ss_prior_loss_weight"] == "0.5"
     assert metadata["ss_mixed_precision"] == "bf16" and metadata["ss_fp8_base"] == "True"
     assert (out / "v2lora-step00000002.safetensors").is_file()
+    assert not (out / "v2lora-step00000002-state").exists()  # states only at the end
+    assert json.loads((out / "v2lora-state" / "train_state.json").read_text()) == {"current_epoch": 1,
+                                                                                    "current_step": 3}
 
 
 @pytest.mark.slow
@@ -101,3 +104,13 @@ def test_conflicting_flags_fail_fast(tmp_path, tiny_sd1_ckpt):
     assert proc.returncode != 0
     assert "--network_train_unet_only and --network_train_text_encoder_only" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_dataset_prints_batches_and_trains_nothing(tmp_path, tiny_sd1_ckpt):
+    write_shapes_folder(tmp_path / "train" / "2_toy", 2, seed=5)
+    out = tmp_path / "out"
+    proc = run_script("train_network.py", base_train_args(tiny_sd1_ckpt, out, train_data_dir=tmp_path / "train",
+                                                          caption_extension=".txt", debug_dataset=True))
+    printed = proc.stdout + proc.stderr
+    assert "a " in printed and "background" in printed  # the captions are shown
+    assert not out.exists() or not any(out.iterdir())

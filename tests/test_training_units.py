@@ -121,3 +121,36 @@ def test_config_file_cli_wins_and_types_follow_the_flags(tmp_path):
     bad.write_text('mixed_precision = "fp8"\n')
     with pytest.raises(SystemExit):
         parse_args_with_config(setup_network_parser(), ["--config_file", str(bad)])
+
+
+class _CountingScheduler:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("flags,first_step,skip", [
+    (["--initial_step", "5"], 5, 0),
+    (["--initial_step", "5", "--skip_until_initial_step"], 5, 2 * 2),  # 2 batches into epoch 2, x grad accum 2
+    (["--initial_epoch", "3"], 6, 0),
+])
+def test_initial_step_and_epoch(tmp_path, flags, first_step, skip):
+    from library.training.trainer import NetworkTrainer, Schedule
+
+    args = setup_network_parser().parse_args(["--output_dir", str(tmp_path), "--gradient_accumulation_steps", "2",
+                                              *flags])
+    schedule = Schedule(steps_per_epoch=3, max_train_steps=12, num_epochs=4)
+    lr = _CountingScheduler()
+    NetworkTrainer(family=None).resume_or_start(args, accelerator=None, schedule=schedule, lr_scheduler=lr)
+    assert (schedule.first_step, schedule.skip_batches, lr.steps) == (first_step, skip, first_step)
+    assert schedule.first_epoch == first_step // 3
+
+
+def test_initial_step_past_the_end_is_an_error(tmp_path):
+    from library.training.trainer import NetworkTrainer, Schedule
+
+    args = setup_network_parser().parse_args(["--output_dir", str(tmp_path), "--initial_step", "12"])
+    with pytest.raises(ArgumentError, match="past --max_train_steps"):
+        NetworkTrainer(family=None).resume_or_start(args, None, Schedule(3, 12, 4), _CountingScheduler())
