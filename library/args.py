@@ -193,17 +193,38 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer_type", type=str, default="",
-                   help="optimizer: AdamW (default), SGDNesterov, or a dotted class path such as torch.optim.Adam")
+                   help="optimizer (case-insensitive): AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, "
+                   "PagedAdamW32bit, Lion, Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, DAdaptation, "
+                   "DAdaptAdaGrad, DAdaptAdam, DAdaptAdan, DAdaptAdanIP, DAdaptLion, DAdaptSGD, Prodigy, AdaFactor, "
+                   "RAdamScheduleFree, AdamWScheduleFree, SGDScheduleFree, a torch.optim class name, or a dotted "
+                   "class path (see docs/optimizers.md)")
     g.add_argument("--optimizer_args", type=str, default=None, nargs="*",
                    help="optimizer keyword arguments as key=value (values are Python literals)")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="legacy: same as --optimizer_type AdamW8bit (needs bitsandbytes)")
+    g.add_argument("--use_lion_optimizer", action="store_true",
+                   help="legacy: same as --optimizer_type Lion (needs lion-pytorch)")
     g.add_argument("--learning_rate", type=float, default=2e-6, help="learning rate")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
     g.add_argument("--lr_scheduler", type=str, default="constant",
-                   help="constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup, ...")
+                   help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+                   "inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, adafactor, piecewise_constant")
     g.add_argument("--lr_warmup_steps", type=str, default="0",
                    help="warmup steps: an integer, a ratio of all steps (< 1), or 'N%%'")
-    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1, help="cycles of cosine_with_restarts")
+    g.add_argument("--lr_decay_steps", type=str, default="0",
+                   help="decay steps of warmup_stable_decay: an integer, a ratio of all steps (< 1), or 'N%%'")
+    g.add_argument("--lr_scheduler_num_cycles", type=int, default=1,
+                   help="restarts of cosine_with_restarts; cosine cycles of cosine_with_min_lr / warmup_stable_decay")
     g.add_argument("--lr_scheduler_power", type=float, default=1, help="power of polynomial decay")
+    g.add_argument("--lr_scheduler_timescale", type=int, default=None,
+                   help="timescale of inverse_sqrt (default: the warmup steps)")
+    g.add_argument("--lr_scheduler_min_lr_ratio", type=float, default=None,
+                   help="lowest learning rate as a ratio of the initial one (cosine_with_min_lr, warmup_stable_decay)")
+    g.add_argument("--lr_scheduler_type", type=str, default="",
+                   help="custom scheduler class: a dotted path or a torch.optim.lr_scheduler name (overrides "
+                   "--lr_scheduler)")
+    g.add_argument("--lr_scheduler_args", type=str, default=None, nargs="*",
+                   help="scheduler keyword arguments as key=value (values are Python literals)")
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +240,12 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--network_train_text_encoder_only", action="store_true", help="train only the text encoder part")
     g.add_argument("--unet_lr", type=float, default=None, help="learning rate of the U-Net part")
     g.add_argument("--text_encoder_lr", type=float, default=None, nargs="*", help="learning rate of the text encoder part")
+    g.add_argument("--base_weights", type=str, default=None, nargs="*",
+                   help="LoRA files merged into the base model before training (see docs/lora_options.md)")
+    g.add_argument("--base_weights_multiplier", type=float, default=None, nargs="*",
+                   help="multiplier of each --base_weights file (1.0 for files without one)")
+    g.add_argument("--scale_weight_norms", type=float, default=None,
+                   help="max-norm regularisation: cap each module's ||ΔW|| at this value after every step (e.g. 1.0)")
     g.add_argument("--training_comment", type=str, default=None, help="comment stored in the metadata")
     g.add_argument("--no_metadata", action="store_true", help="store only the minimal metadata")
     g.add_argument("--save_model_as", type=str, default="safetensors", choices=[None, "ckpt", "pt", "safetensors"],
@@ -231,6 +258,74 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
                    help="skip the batches before --initial_step so the data continues where it stopped")
 
 
+def add_validation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Validation loss on a held-out part of the DreamBooth images (see docs/validation_and_logging.md)."""
+    g = parser.add_argument_group("validation")
+    g.add_argument("--validation_seed", type=int, default=None,
+                   help="seed of the train/validation split and of the validation noise (default: --seed)")
+    g.add_argument("--validation_split", type=float, default=0.0,
+                   help="fraction of each DreamBooth dataset's images held out for validation, in [0, 1)")
+    g.add_argument("--validate_every_n_steps", type=int, default=None,
+                   help="also compute the validation loss every N steps")
+    g.add_argument("--validate_every_n_epochs", type=int, default=None,
+                   help="compute the validation loss every N epochs (default: every epoch)")
+    g.add_argument("--max_validation_steps", type=int, default=None,
+                   help="validation batches per validation pass (default: all)")
+
+
+def add_noise_and_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """Noise, timestep and loss-type flags of the DDPM objective (see docs/noise_and_loss.md)."""
+    g = parser.add_argument_group("noise, timesteps and loss type")
+    g.add_argument("--noise_offset", type=float, default=None,
+                   help="add a per-channel constant offset of this strength to the noise (about 0.1)")
+    g.add_argument("--noise_offset_random_strength", action="store_true",
+                   help="scale the noise offset by a random U(0,1) factor per sample")
+    g.add_argument("--adaptive_noise_scale", type=float, default=None,
+                   help="add |mean of each latent channel| x this to the noise offset (needs --noise_offset)")
+    g.add_argument("--multires_noise_iterations", type=int, default=None,
+                   help="multi-resolution (pyramid) noise levels (6-10 typical)")
+    g.add_argument("--multires_noise_discount", type=float, default=0.3,
+                   help="weight decay per pyramid noise level")
+    g.add_argument("--ip_noise_gamma", type=float, default=None,
+                   help="input perturbation noise strength (about 0.1); the target keeps the plain noise")
+    g.add_argument("--ip_noise_gamma_random_strength", action="store_true",
+                   help="scale --ip_noise_gamma by a random U(0,1) factor per sample")
+    g.add_argument("--zero_terminal_snr", action="store_true",
+                   help="rescale the noise schedule so the last timestep is pure noise (use with v-prediction)")
+    g.add_argument("--min_timestep", type=int, default=None, help="smallest sampled timestep (default 0)")
+    g.add_argument("--max_timestep", type=int, default=None, help="timesteps are sampled below this (default 1000)")
+    g.add_argument("--loss_type", type=str, default="l2", choices=["l1", "l2", "huber", "smooth_l1"],
+                   help="element-wise loss (default l2)")
+    g.add_argument("--huber_schedule", type=str, default="snr", choices=["constant", "exponential", "snr"],
+                   help="how the Huber parameter c varies with the timestep (default snr)")
+    g.add_argument("--huber_c", type=float, default=0.1, help="Huber parameter c (default 0.1)")
+    g.add_argument("--huber_scale", type=float, default=1.0, help="multiplier of the scheduled Huber c (default 1.0)")
+
+
+def add_custom_train_arguments(parser: argparse.ArgumentParser, support_weighted_captions: bool = True) -> None:
+    """SNR-based loss weightings and weighted captions (see docs/noise_and_loss.md)."""
+    g = parser.add_argument_group("loss weighting")
+    g.add_argument("--min_snr_gamma", type=float, default=None,
+                   help="min-SNR weighting gamma (5 recommended)")
+    g.add_argument("--scale_v_pred_loss_like_noise_pred", action="store_true",
+                   help="scale the v-prediction loss like the noise-prediction loss (needs --v_parameterization)")
+    g.add_argument("--v_pred_like_loss", type=float, default=None,
+                   help="add a v-prediction-like loss with this weight (not with --v_parameterization)")
+    g.add_argument("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting")
+    if support_weighted_captions:
+        g.add_argument("--weighted_captions", action="store_true",
+                       help="A1111-style caption weights: (tag:1.3), (tag) x1.1, [tag] /1.1")
+
+
+def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
+    """Loss masks (see docs/noise_and_loss.md)."""
+    g = parser.add_argument_group("masked loss")
+    g.add_argument("--conditioning_data_dir", type=str, default=None,
+                   help="folder of mask images (same stem as the training images; not supported yet)")
+    g.add_argument("--masked_loss", action="store_true",
+                   help="weight the loss by a mask (alpha channel with --alpha_mask; conditioning masks not yet)")
+
+
 def setup_network_parser() -> argparse.ArgumentParser:
     """The parser of train_network.py (SD 1.x/2.x LoRA)."""
     parser = argparse.ArgumentParser(description="Train a LoRA (or another network module) for Stable Diffusion 1.x/2.x")
@@ -241,4 +336,8 @@ def setup_network_parser() -> argparse.ArgumentParser:
     add_training_arguments(parser)
     add_optimizer_arguments(parser)
     add_network_arguments(parser)
+    add_validation_arguments(parser)
+    add_noise_and_loss_arguments(parser)
+    add_custom_train_arguments(parser)
+    add_masked_loss_arguments(parser)
     return parser

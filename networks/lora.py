@@ -26,6 +26,10 @@ Which layers, and their names in the file (these are the file format, see
 
 Keys: ``<name>.lora_down.weight``, ``<name>.lora_up.weight``, ``<name>.alpha`` (0-dim).
 
+Per-block ranks/alphas and learning-rate weights of the U-Net (``block_dims``, ``down_lr_weight``,
+...) are resolved in ``networks/lora_blocks.py``; they change which modules exist and their
+ranks, never their names. User documentation: ``docs/lora_options.md``.
+
 Other families reuse the pieces: a :class:`ModelScope` says how one base model's module paths
 are spelled in the file and which blocks are targets; :func:`plan_modules` turns scopes into
 planned modules; :class:`LoRANetwork` (in ``lora_network.py``) is family-agnostic.
@@ -41,6 +45,10 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from networks.lora_blocks import (
+    BLOCK_OPTION_KEYS, NUM_BLOCKS, BlockOptions, parse_block_options, parse_lr_weight_options, sd_unet_block_index,
+    unet_layers_per_block,
+)
 from networks.lora_diagnostics import format_key_list, guess_lora_kind
 from networks.lora_modules import LoRAModule, is_lora_target_layer
 from networks.lora_network import LoRANetwork, PlannedModule, load_weights_file
@@ -105,7 +113,9 @@ class ModelScope:
 
     ``file_path`` maps a module path of ``root`` to the path the file format uses (identity for
     the SD U-Net; SDXL will map diffusers paths to SGM paths here). ``te_index`` is ``None`` for
-    the denoiser and the text encoder's position otherwise.
+    the denoiser and the text encoder's position otherwise. ``block_index`` maps a module path
+    (or its LoRA name without the prefix) to the block that per-block options address (see
+    ``networks/lora_blocks.py``); ``None`` when the model has no such blocks.
     """
 
     prefix: str
@@ -114,9 +124,16 @@ class ModelScope:
     conv_target_classes: tuple[str, ...] = ()
     te_index: int | None = None
     file_path: Callable[[str], str] = field(default=_same_path)
+    block_index: Callable[[str], int | None] | None = None
 
     def lora_name(self, module_path: str) -> str:
         return f"{self.prefix}_{self.file_path(module_path).replace('.', '_')}"
+
+    def block_of(self, lora_name: str) -> int | None:
+        """The block of one of this scope's LoRA names, or ``None``."""
+        if self.block_index is None:
+            return None
+        return self.block_index(lora_name[len(self.prefix) + 1:])
 
 
 def _class_matches(module: nn.Module, class_names: Sequence[str]) -> bool:
@@ -157,7 +174,10 @@ def sd_scopes(text_encoder: nn.Module | Sequence[nn.Module | None] | None, unet:
         prefix = f"{LORA_PREFIX_TEXT_ENCODER}{index + 1}" if several else LORA_PREFIX_TEXT_ENCODER
         scopes.append(ModelScope(prefix, encoder, TEXT_ENCODER_TARGET_CLASSES, te_index=index, file_path=clip_text_file_path(encoder)))
     if unet is not None:
-        scopes.append(ModelScope(LORA_PREFIX_UNET, unet, UNET_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES))
+        layers = unet_layers_per_block(unet)
+        block_index = None if layers is None else (lambda path, L=layers: sd_unet_block_index(path, L))
+        scopes.append(ModelScope(LORA_PREFIX_UNET, unet, UNET_TARGET_CLASSES, UNET_CONV_TARGET_CLASSES,
+                                 block_index=block_index))
     return scopes
 
 
@@ -169,18 +189,36 @@ def plan_modules(
     alpha: float,
     conv_dim: int | None = None,
     conv_alpha: float | None = None,
+    blocks: BlockOptions | None = None,
 ) -> list[PlannedModule]:
-    """The modules ``create_network`` makes: Linear/1x1 get ``dim``, other convs ``conv_dim``."""
+    """The modules ``create_network`` makes: Linear/1x1 get ``dim``, other convs ``conv_dim``.
+
+    With ``blocks``, modules of scopes that have blocks (the SD U-Net) take rank and alpha from
+    their block instead, and blocks of rank 0 get no module. Raises ``ValueError`` when block
+    options meet a U-Net whose layout has no 25-block numbering.
+    """
     planned = []
     for scope in scopes:
-        for name, layer in iter_target_layers(scope, include_conv_blocks=bool(conv_dim)):
-            if _is_spatial_conv(layer):
-                if not conv_dim:
-                    continue
-                rank, module_alpha = conv_dim, conv_alpha
+        use_blocks = blocks is not None and scope.te_index is None
+        if use_blocks and scope.block_index is None:
+            raise ValueError("block options (block_dims, *_lr_weight, ...) need a U-Net with the same number of "
+                             "layers per level; remove them from --network_args for this model")
+        include_conv = bool(conv_dim) or (use_blocks and blocks.conv_dims is not None and any(blocks.conv_dims))
+        for name, layer in iter_target_layers(scope, include_conv_blocks=include_conv):
+            spatial = _is_spatial_conv(layer)
+            block = scope.block_of(name)
+            if use_blocks and block is not None:
+                if not 0 <= block < NUM_BLOCKS:
+                    raise ValueError(f"{name} falls in block {block}, outside the {NUM_BLOCKS} blocks of SD 1.x/2.x: "
+                                     "block options support only the SD 1.x/2.x U-Net layout")
+                rank, module_alpha = blocks.rank_alpha(block, spatial)
+            elif spatial:
+                rank, module_alpha = conv_dim or 0, conv_alpha
             else:
                 rank, module_alpha = dim, alpha
-            planned.append(PlannedModule(name, layer, int(rank), module_alpha, scope.te_index))
+            if not rank:
+                continue  # rank 0: this layer is deliberately not adapted
+            planned.append(PlannedModule(name, layer, int(rank), module_alpha, scope.te_index, block))
     return planned
 
 
@@ -226,7 +264,7 @@ def plan_from_weights(scopes: Sequence[ModelScope], weights_sd: Mapping[str, tor
             name = scope.lora_name(path)
             layer_names.add(name)
             if name in dims:
-                planned.append(PlannedModule(name, layer, dims[name], alphas[name], scope.te_index))
+                planned.append(PlannedModule(name, layer, dims[name], alphas[name], scope.te_index, scope.block_of(name)))
     unmatched = sorted(names_in_file - layer_names)
     if unmatched:
         raise ValueError(
@@ -255,14 +293,6 @@ class NetworkArgs:
     loraplus_unet_lr_ratio: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     verbose: bool = False
-
-
-# kohya lora.py options this implementation does not provide yet; named separately so the
-# warning can say so instead of calling them unknown.
-_NOT_IMPLEMENTED_ARGS = frozenset({
-    "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-    "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
-})
 
 
 def _arg_value(kwargs: Mapping[str, object], key: str, kind: type, low: float | None = None, below: float | None = None):
@@ -306,11 +336,9 @@ def parse_network_args(kwargs: Mapping[str, object]) -> NetworkArgs:
         loraplus_text_encoder_lr_ratio=_arg_value(kwargs, "loraplus_text_encoder_lr_ratio", float, low=0),
         verbose=bool(_arg_value(kwargs, "verbose", bool)),
     )
-    known = set(NetworkArgs.__dataclass_fields__)
-    not_implemented = sorted(k for k in kwargs if k in _NOT_IMPLEMENTED_ARGS)
-    unknown = sorted(k for k in kwargs if k not in known and k not in _NOT_IMPLEMENTED_ARGS)
-    if not_implemented:
-        logger.warning("networks.lora does not implement --network_args %s yet; ignored", ", ".join(not_implemented))
+    # Block options are parsed by networks/lora_blocks.py (they depend on dim/alpha); known here.
+    known = set(NetworkArgs.__dataclass_fields__) | BLOCK_OPTION_KEYS
+    unknown = sorted(k for k in kwargs if k not in known)
     if unknown:
         logger.warning(
             "networks.lora ignores unknown --network_args %s (known: %s)", ", ".join(unknown), ", ".join(sorted(known))
@@ -318,7 +346,8 @@ def parse_network_args(kwargs: Mapping[str, object]) -> NetworkArgs:
     return parsed
 
 
-def _network_from_plan(planned: list[PlannedModule], multiplier: float, dropout: float | None, args: NetworkArgs) -> LoRANetwork:
+def _network_from_plan(planned: list[PlannedModule], multiplier: float, dropout: float | None, args: NetworkArgs,
+                       block_lr_weights: list[float] | None = None) -> LoRANetwork:
     te_ratio = args.loraplus_text_encoder_lr_ratio or args.loraplus_lr_ratio
     unet_ratio = args.loraplus_unet_lr_ratio or args.loraplus_lr_ratio
     network = LoRANetwork(
@@ -329,6 +358,7 @@ def _network_from_plan(planned: list[PlannedModule], multiplier: float, dropout:
         module_dropout=args.module_dropout,
         loraplus_text_encoder_lr_ratio=te_ratio,
         loraplus_unet_lr_ratio=unet_ratio,
+        block_lr_weights=block_lr_weights,
     )
     if args.verbose:
         for lora in network.text_encoder_loras + network.unet_loras:
@@ -354,9 +384,11 @@ def create_network(
     ``--network_args`` (strings): ``conv_dim``, ``conv_alpha`` (1.0 when ``conv_dim`` is given
     without it), ``rank_dropout``, ``module_dropout``, ``dropout`` (what the trainer injects for
     LyCORIS; used as neuron dropout when ``neuron_dropout`` is None), LoRA+ ratios
-    ``loraplus_lr_ratio``, ``loraplus_unet_lr_ratio``, ``loraplus_text_encoder_lr_ratio``, and
-    ``verbose``. ``vae`` is unused (accepted for the plug-in API). The network is not yet applied:
-    call ``apply_to`` next.
+    ``loraplus_lr_ratio``, ``loraplus_unet_lr_ratio``, ``loraplus_text_encoder_lr_ratio``,
+    ``verbose``, and the U-Net block options ``block_dims``, ``block_alphas``, ``conv_block_dims``,
+    ``conv_block_alphas``, ``down_lr_weight``, ``mid_lr_weight``, ``up_lr_weight``,
+    ``block_lr_zero_threshold`` (see ``networks/lora_blocks.py``). ``vae`` is unused (accepted
+    for the plug-in API). The network is not yet applied: call ``apply_to`` next.
     """
     args = parse_network_args(kwargs)
     dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
@@ -366,9 +398,10 @@ def create_network(
     conv_alpha = None
     if args.conv_dim:
         conv_alpha = DEFAULT_CONV_ALPHA if args.conv_alpha is None else args.conv_alpha
-    planned = plan_modules(sd_scopes(text_encoder, unet), dim, alpha, args.conv_dim, conv_alpha)
+    blocks = parse_block_options(kwargs, dim, alpha, args.conv_dim, conv_alpha)
+    planned = plan_modules(sd_scopes(text_encoder, unet), dim, alpha, args.conv_dim, conv_alpha, blocks)
     dropout = neuron_dropout if neuron_dropout is not None else args.dropout
-    return _network_from_plan(planned, multiplier, dropout, args)
+    return _network_from_plan(planned, multiplier, dropout, args, blocks.lr_weights if blocks else None)
 
 
 def create_network_from_weights(
@@ -387,7 +420,8 @@ def create_network_from_weights(
     (missing: alpha = rank), conv modules from the adapted layer (3x3 convs get 4-D weights).
     Unlike kohya's version the weights are also loaded into the network (validated, with clear
     errors), so the result is ready for ``apply_to`` or ``merge_to``. ``kwargs`` are
-    ``--network_args``; dropouts and LoRA+ ratios are honoured, dims come from the file.
+    ``--network_args``; dropouts, LoRA+ ratios and block lr weights are honoured (a block whose
+    weight is 0 is frozen, since its modules are in the file), dims come from the file.
     ``for_inference`` puts the network in eval mode without gradients.
     """
     source = str(file) if file is not None else "weights"
@@ -398,7 +432,10 @@ def create_network_from_weights(
     weights_sd = dict(weights_sd)
     args = parse_network_args(kwargs)
     planned = plan_from_weights(sd_scopes(text_encoder, unet), weights_sd, source)
-    network = _network_from_plan(planned, multiplier, args.dropout, args)
+    ignored = sorted(k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas") if k in kwargs)
+    if ignored:
+        logger.warning("ranks come from %s: --network_args %s ignored", source, ", ".join(ignored))
+    network = _network_from_plan(planned, multiplier, args.dropout, args, parse_lr_weight_options(kwargs))
     network.load_state_dict_checked(weights_sd, source)
     if for_inference:
         network.eval()

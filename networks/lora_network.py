@@ -31,6 +31,7 @@ class PlannedModule:
     """One module to create: its file-format name, the layer, rank, alpha, and owner.
 
     ``te_index`` is ``None`` for the denoiser (U-Net/DiT), else the text encoder's position.
+    ``block`` is the denoiser block that block lr weights address (``None``: no block).
     """
 
     lora_name: str
@@ -38,6 +39,7 @@ class PlannedModule:
     rank: int
     alpha: float | None
     te_index: int | None = None
+    block: int | None = None
 
 
 def load_weights_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -74,9 +76,13 @@ class LoRANetwork(nn.Module):
         module_dropout: float | None = None,
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
+        block_lr_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.multiplier = float(multiplier)
+        # lr multiplier per denoiser block (index = PlannedModule.block); None: one "unet" group
+        self.block_lr_weights = list(block_lr_weights) if block_lr_weights is not None else None
+        self._block_of: dict[str, int | None] = {plan.lora_name: plan.block for plan in planned}
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
         self.text_encoder_loras: list[LoRAModule] = []
@@ -197,7 +203,9 @@ class LoRANetwork(nn.Module):
         """Optimizer param groups and their names for lr logging.
 
         Groups: ``textencoder`` (``textencoder1``... when several text encoders get different
-        lrs from a list) and ``unet``; with a LoRA+ ratio, ``lora_up`` weights go to an extra
+        lrs from a list) and ``unet``; with block lr weights the U-Net is split into
+        ``unet_block<i>`` groups (ascending ``i``) at ``unet lr * weight[i]`` (modules outside
+        every block stay in ``unet``). With a LoRA+ ratio, ``lora_up`` weights go to an extra
         ``<group> plus`` group at ``lr * ratio``. A ``None`` lr falls back to ``default_lr``; an
         lr of 0 leaves the group out and freezes its parameters.
         """
@@ -219,8 +227,24 @@ class LoRANetwork(nn.Module):
                 loras = [lora for lora in self.text_encoder_loras if self._te_index[lora.lora_name] == index]
                 self._add_group(groups, descriptions, loras, lr, default_lr, f"textencoder{index + 1}",
                                 self.loraplus_text_encoder_lr_ratio)
-        self._add_group(groups, descriptions, self.unet_loras, unet_lr, default_lr, "unet", self.loraplus_unet_lr_ratio)
+        if self.block_lr_weights is None:
+            self._add_group(groups, descriptions, self.unet_loras, unet_lr, default_lr, "unet", self.loraplus_unet_lr_ratio)
+        else:
+            self._add_block_groups(groups, descriptions, unet_lr, default_lr)
         return groups, descriptions
+
+    def _add_block_groups(self, groups, descriptions, unet_lr, default_lr) -> None:
+        base_lr = default_lr if unet_lr is None else unet_lr
+        if base_lr is None and self.unet_loras:
+            raise ValueError("block lr weights (down/mid/up_lr_weight) scale a learning rate: set --unet_lr or --learning_rate")
+        by_block: dict[int | None, list[LoRAModule]] = {}
+        for lora in self.unet_loras:
+            by_block.setdefault(self._block_of.get(lora.lora_name), []).append(lora)
+        self._add_group(groups, descriptions, by_block.pop(None, []), base_lr, None, "unet", self.loraplus_unet_lr_ratio)
+        for block in sorted(by_block):
+            # weight 0 gives lr 0, which _add_group turns into frozen modules (e.g. --dim_from_weights)
+            self._add_group(groups, descriptions, by_block[block], base_lr * self.block_lr_weights[block], None,
+                            f"unet_block{block}", self.loraplus_unet_lr_ratio)
 
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr, default_lr):
         """Same as :meth:`prepare_optimizer_params` (which already accepts a list of TE lrs)."""
@@ -322,14 +346,20 @@ class LoRANetwork(nn.Module):
         logger.info("merged %d LoRA modules into the model weights", merged)
 
     @torch.no_grad()
-    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str | None = None) -> tuple[int, float, float]:
+    def apply_max_norm_regularization(
+        self, max_norm_value: float, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale down modules whose ``||up @ down * alpha/rank||`` exceeds ``max_norm_value``.
 
         Both factors are multiplied by ``sqrt(max_norm / norm)``. Returns ``(keys_scaled,
-        mean_norm, max_norm)`` over the norms after capping, with one host sync in all.
+        mean_norm, max_norm)`` over the norms after capping as 0-dim float tensors on ``device``,
+        *without* a host sync: the trainer runs this every step but needs the numbers only when it
+        logs, so it converts them then (``float(t)`` / ``int(t)`` work on the tensors as on the
+        plain numbers other network modules return).
         """
         if not self.loras:
-            return 0, 0.0, 0.0
+            zero = torch.zeros((), device=device)
+            return zero, zero, zero
         norms = []
         for lora in self.loras:
             down, up = lora.lora_down.weight, lora.lora_up.weight
@@ -340,10 +370,7 @@ class LoRANetwork(nn.Module):
             up.mul_(factor.to(up.device, up.dtype))
             norms.append(torch.stack([norm, norm * ratio]))
         stacked = torch.stack(norms)
-        keys_scaled, mean_norm, max_norm = torch.stack(
-            [(stacked[:, 0] > max_norm_value).sum().float(), stacked[:, 1].mean(), stacked[:, 1].max()]
-        ).tolist()
-        return int(keys_scaled), mean_norm, max_norm
+        return (stacked[:, 0] > max_norm_value).sum().float(), stacked[:, 1].mean(), stacked[:, 1].max()
 
 
 def _shape_hint(key: str, got: torch.Size, expected: torch.Size, file_sd: Mapping, own_sd: Mapping) -> str:

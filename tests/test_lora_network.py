@@ -380,8 +380,10 @@ def test_network_args_parsing(models, caplog):
     with pytest.raises(ValueError, match="rank_dropout"):
         make_network(*models, rank_dropout="1.5")
     with caplog.at_level(logging.WARNING, logger="networks.lora"):
-        network = make_network(*models, conv_dim="2", foo="1", block_dims="1,2")
-    assert "foo" in caplog.text and "block_dims" in caplog.text
+        network = make_network(*models, conv_dim="2", foo="1")
+    assert "foo" in caplog.text
+    with pytest.raises(ValueError, match="block_dims needs 25 values"):  # block options: tests/test_lora_blocks.py
+        make_network(*models, block_dims="1,2")
     conv = getattr(network, "lora_unet_down_blocks_0_resnets_0_conv1")
     assert conv.scale == pytest.approx(1.0 / 2)  # conv_alpha defaults to 1.0
     default = lora.create_network(1.0, None, None, None, *models)

@@ -79,7 +79,7 @@ def test_optimizer_args_are_literals_and_classes_resolve():
     assert choice.cls is torch.optim.AdamW and choice.describe() == "torch.optim.adamw.AdamW(weight_decay=0.1)"
     assert choose_optimizer(argparse.Namespace(optimizer_type="torch.optim.Adam", optimizer_args=None)).cls \
         is torch.optim.Adam
-    with pytest.raises(ArgumentError, match="not supported here yet"):
+    with pytest.raises(ArgumentError, match="unknown optimizer"):
         choose_optimizer(argparse.Namespace(optimizer_type="NoSuchOpt", optimizer_args=None))
 
 

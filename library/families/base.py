@@ -38,6 +38,9 @@ class Prediction:
     pred: torch.Tensor
     target: torch.Tensor
     timesteps: torch.Tensor
+    #: DDPM families: the whole cumulative-alpha table [T] on the device (the loss indexes it by
+    #: ``timesteps`` for SNR weightings and the Huber schedule); None for other objectives.
+    alphas_cumprod: torch.Tensor | None = None
 
 
 class ModelFamily(abc.ABC):
@@ -73,8 +76,15 @@ class ModelFamily(abc.ABC):
 
     @abc.abstractmethod
     def predict(self, models: FamilyModels, latents: torch.Tensor, conditioning: Any, batch: dict,
-                args: argparse.Namespace) -> Prediction:
-        """Noise the (raw) latents, run the denoiser and return prediction and target."""
+                args: argparse.Namespace, *, timesteps: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> Prediction:
+        """Noise the (raw) latents, run the denoiser and return prediction and target.
+
+        Training passes neither ``timesteps`` nor ``noise``: both are drawn from the global RNG
+        (noise first, then timesteps). Validation passes both (Long [B] timesteps, noise shaped like
+        the model-space latents) so the loss at fixed points is reproducible; given values are used
+        as they are, with no RNG drawn for them.
+        """
 
     # --- output --------------------------------------------------------------------------------
     @abc.abstractmethod

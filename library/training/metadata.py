@@ -31,18 +31,29 @@ _PLAIN_ARGS = (
     "network_dropout", "mixed_precision", "full_fp16", "v2", "clip_skip", "max_token_length", "cache_latents",
     "seed", "lowram", "max_grad_norm", "caption_dropout_rate", "caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate", "face_crop_aug_range", "prior_loss_weight", "training_comment", "fp8_base",
-    "fp8_base_unet", "resize_interpolation",
+    "fp8_base_unet", "resize_interpolation", "scale_weight_norms",
 )
 
-#: flags of later features, written with their reference defaults until those features land
-_DEFAULTS_OF_LATER_FLAGS = {
-    "noise_offset": None, "multires_noise_iterations": None, "multires_noise_discount": 0.3,
-    "adaptive_noise_scale": None, "zero_terminal_snr": False, "min_snr_gamma": None, "scale_weight_norms": None,
-    "ip_noise_gamma": None, "debiased_estimation": False, "noise_offset_random_strength": False,
-    "ip_noise_gamma_random_strength": False, "loss_type": "l2", "huber_schedule": "snr", "huber_scale": 1.0,
-    "huber_c": 0.1, "validation_seed": None, "validation_split": 0.0, "max_validation_steps": None,
-    "validate_every_n_epochs": None, "validate_every_n_steps": None,
+#: validation flags (train_network.py has them; a script without them writes these defaults)
+_VALIDATION_ARGS = {
+    "validation_seed": None, "validation_split": 0.0, "max_validation_steps": None, "validate_every_n_epochs": None,
+    "validate_every_n_steps": None,
 }
+
+#: noise/timestep/loss flags: ``ss_<key>`` = ``str(args.<attr>)``; the default is what a script
+#: without the flag writes (the reference default)
+_NOISE_AND_LOSS_ARGS = {
+    "noise_offset": ("noise_offset", None), "multires_noise_iterations": ("multires_noise_iterations", None),
+    "multires_noise_discount": ("multires_noise_discount", 0.3), "adaptive_noise_scale": ("adaptive_noise_scale", None),
+    "zero_terminal_snr": ("zero_terminal_snr", False), "min_snr_gamma": ("min_snr_gamma", None),
+    "ip_noise_gamma": ("ip_noise_gamma", None), "debiased_estimation": ("debiased_estimation_loss", False),
+    "noise_offset_random_strength": ("noise_offset_random_strength", False),
+    "ip_noise_gamma_random_strength": ("ip_noise_gamma_random_strength", False), "loss_type": ("loss_type", "l2"),
+    "huber_schedule": ("huber_schedule", "snr"), "huber_scale": ("huber_scale", 1.0), "huber_c": ("huber_c", 0.1),
+}
+
+#: flags of later features, written with their reference defaults until those features land
+_DEFAULTS_OF_LATER_FLAGS: dict[str, Any] = {}
 
 
 def _s(value: Any) -> str:
@@ -73,7 +84,9 @@ def training_metadata(args, *, session_id: int | None = None, started_at: float,
         if name == "text_encoder_lr" and isinstance(value, list):
             value = value[0] if len(value) == 1 else (value or None)
         md[f"ss_{name}"] = _s(value)
-    for name, default in _DEFAULTS_OF_LATER_FLAGS.items():
+    for key, (attr, default) in _NOISE_AND_LOSS_ARGS.items():
+        md[f"ss_{key}"] = _s(getattr(args, attr, default))
+    for name, default in {**_DEFAULTS_OF_LATER_FLAGS, **_VALIDATION_ARGS}.items():
         md.setdefault(f"ss_{name}", _s(getattr(args, name, default)))
     md.update(dataset_metadata)
     md.update(family_metadata)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -30,9 +29,14 @@ from library.log import setup_logging
 from library.training import metadata as md
 from library.training.accelerator import allow_fp16_gradients, make_accelerator, store_in_fp8, weight_dtypes
 from library.training.data_order import EpochShuffleSampler, make_dataloader
+from library.training.loss import LossConfig, training_loss
 from library.training.loss_log import LossLog
-from library.training.optimizer import choose_optimizer, make_lr_scheduler, make_optimizer, steps_per_epoch
+from library.training.network_extras import MaxNormLog, merge_base_weights
+from library.training.optimizer import (choose_optimizer, lr_log_values, make_lr_scheduler, make_optimizer,
+                                        optimizer_eval_mode, optimizer_train_mode, steps_per_epoch)
 from library.training.saving import SavePolicy, read_train_state, write_train_state
+from library.training import trackers
+from library.training.validation_loss import ValidationRunner, ValidationSettings, family_batch_losses
 from library.training.validation import validate_training_args
 
 logger = logging.getLogger(__name__)
@@ -75,12 +79,17 @@ class NetworkTrainer:
     def __init__(self, family: ModelFamily):
         self.family = family
         self.lr_names: list[str] | None = None
+        self.optimizer = None  # set by train(): schedule-free optimizers switch to eval() around saves/samples
+        self.loss_config: LossConfig | None = None  # built once from args in train()
+        self.validator: ValidationRunner | None = None  # set by train() when there is a validation set
 
     # ============================================================================ the recipe
     def train(self, args) -> None:
         setup_logging(args)
         validate_training_args(args)
         self.family.validate_args(args)
+        optimizer_choice = choose_optimizer(args)  # a missing optimizer package fails before any loading
+        self.loss_config = LossConfig.from_args(args)
         if args.seed is None:
             args.seed = random.randint(0, 2**31 - 1)
             logger.info("no --seed given; using %d", args.seed)
@@ -93,8 +102,8 @@ class NetworkTrainer:
 
         from library.dataset_config import build_dataset_group  # data stack only when training
 
-        train_group, _ = build_dataset_group(args, tokenize=self.family.make_tokenize_fn(models, args),
-                                             latents_stride=self.family.latents_stride)
+        train_group, val_group = build_dataset_group(args, tokenize=self.family.make_tokenize_fn(models, args),
+                                                     latents_stride=self.family.latents_stride)
         if args.debug_dataset:
             from library.data.dataset import debug_dataset
 
@@ -104,6 +113,8 @@ class NetworkTrainer:
             raise ArgumentError("the dataset has no batches: check image folders and num_repeats")
         if args.cache_latents:
             self.cache_latents(args, models, train_group, accelerator)
+            if val_group is not None:
+                self.cache_latents(args, models, val_group, accelerator)
 
         network, network_args = self.create_network(args, models)
         train_unet = not args.network_train_text_encoder_only
@@ -114,7 +125,6 @@ class NetworkTrainer:
         params = network.prepare_optimizer_params(te_lr, args.unet_lr if train_unet else 0, args.learning_rate)
         # The plug-in API allows either the groups alone or (groups, names of the groups).
         params, self.lr_names = params if isinstance(params, tuple) else (params, None)
-        optimizer_choice = choose_optimizer(args)
         optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
 
         num_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -134,12 +144,19 @@ class NetworkTrainer:
 
         policy = SavePolicy.from_args(args, schedule.num_epochs)
         self.resume_or_start(args, accelerator, schedule, lr_scheduler)
+        self.optimizer = optimizer
+        optimizer_train_mode(optimizer)  # a state is saved in eval mode; stepping needs train mode
 
         base_metadata = self.build_metadata(args, train_group, schedule, started_at, optimizer_choice.describe(),
-                                            network_args, accelerator)
-        if accelerator.is_main_process and args.logging_dir:
+                                            network_args, accelerator,
+                                            num_validation_images=val_group.num_train_images if val_group else 0)
+        if accelerator.is_main_process and trackers.uses_trackers(args):
+            trackers.login_wandb(args)
             accelerator.init_trackers(args.log_tracker_name or self.family.tracker_name,
-                                      config=self.tracker_config(args) if args.log_config else None)
+                                      config=self.tracker_config(args) if args.log_config else None,
+                                      init_kwargs=trackers.tracker_init_kwargs(args))
+        if val_group is not None:
+            self.validator = self.make_validator(args, accelerator, models, network, val_group, schedule)
 
         self.loop(args, accelerator, models, network, optimizer, lr_scheduler, dataloader, train_group,
                   schedule, policy, base_metadata, save_dtype, weight_dtype, train_te)
@@ -163,6 +180,9 @@ class NetworkTrainer:
             raise ArgumentError(f"--network_module {args.network_module}: cannot import it ({e})") from e
         network_args = parse_network_args(args.network_args)
         text_encoders = self.family.network_text_encoders(models)
+        if getattr(args, "base_weights", None):  # merged first: the new network trains on top of them
+            merge_base_weights(module, args.base_weights, args.base_weights_multiplier, models.vae, text_encoders,
+                               models.denoiser)
         if args.dim_from_weights:
             network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
                                                             models.denoiser, **network_args)
@@ -247,37 +267,48 @@ class NetworkTrainer:
                 lr_scheduler.step()
 
     def build_metadata(self, args, group, schedule: Schedule, started_at: float, optimizer_name: str,
-                       network_args: dict, accelerator) -> dict[str, str]:
+                       network_args: dict, accelerator, num_validation_images: int = 0) -> dict[str, str]:
         dataset_md = group.metadata(args, num_processes=accelerator.num_processes,
                                     gradient_accumulation_steps=args.gradient_accumulation_steps)
         training = md.training_metadata(
             args, started_at=started_at, num_train_images=group.num_train_images,
             num_reg_images=group.num_reg_images, num_batches_per_epoch=len(group), num_epochs=schedule.num_epochs,
             optimizer_name=optimizer_name, network_args=network_args, dataset_metadata=dataset_md,
-            family_metadata=self.family.metadata(args))
+            family_metadata=self.family.metadata(args), num_validation_images=num_validation_images)
         return {**training, **self.family.modelspec(args, started_at)}
 
     @staticmethod
     def tracker_config(args) -> dict:
-        """Arguments safe to send to a tracker: no secrets, no absolute paths."""
-        config = {}
-        for key, value in vars(args).items():
-            if "api_key" in key or "token" in key:
-                continue
-            if isinstance(value, str) and os.path.isabs(value):
-                value = os.path.basename(value)
-            if isinstance(value, list):
-                value = str(value)
-            config[key] = value
-        return config
+        """Arguments safe to send to a tracker: no secrets, no absolute paths (see ``trackers``)."""
+        return trackers.sanitized_config(args)
+
+    def make_validator(self, args, accelerator, models: FamilyModels, network, val_group,
+                       schedule: Schedule) -> ValidationRunner:
+        """The validation-loss runner over ``val_group`` (fixed batches: epoch 1, warmup done)."""
+        from library.data.collate import collate_batch
+        from library.sampling.previews import eval_mode
+
+        val_group.set_current_epoch(1)
+        val_group.set_max_train_steps(schedule.max_train_steps)
+        val_group.set_current_step(schedule.max_train_steps)
+        loader = torch.utils.data.DataLoader(val_group, batch_size=1, shuffle=False, num_workers=0,
+                                             collate_fn=collate_batch)
+        logger.info("validation: %d images in %d batches, timesteps %s", val_group.num_train_images,
+                    len(val_group), ValidationSettings.from_args(args).timesteps)
+        return ValidationRunner(
+            settings=ValidationSettings.from_args(args), batches=lambda: iter(loader),
+            batch_losses=family_batch_losses(self.family, models, args, accelerator),
+            eval_context=lambda: eval_mode(models.denoiser, *models.text_encoders, network))
 
     # ================================================================================= the loop
     def loop(self, args, accelerator, models: FamilyModels, network, optimizer, lr_scheduler, dataloader,
              group, schedule: Schedule, policy: SavePolicy, base_metadata, save_dtype, weight_dtype,
              train_te: bool) -> None:
         unwrapped = accelerator.unwrap_model(network)
-        log = (lambda values, step: accelerator.log(values, step=step)) if args.logging_dir else None
+        log = (lambda values, step: accelerator.log(values, step=step)) if trackers.uses_trackers(args) else None
         losses = LossLog(accelerator.device, window=schedule.steps_per_epoch, log=log)
+        max_norm_value = getattr(args, "scale_weight_norms", None)
+        max_norms = MaxNormLog(log, flush_every=losses.flush_every) if max_norm_value and log is not None else None
         sampler = self.find_sampler(dataloader)
 
         global_step = schedule.first_step
@@ -307,6 +338,13 @@ class NetworkTrainer:
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
+                if max_norm_value:
+                    # Once per optimizer step (not per accumulation micro-batch). The results stay on
+                    # the device; MaxNormLog reads a block of steps back at once, so max-norm costs
+                    # no host sync per step, and none at all when nothing is logged.
+                    norms = unwrapped.apply_max_norm_regularization(max_norm_value, accelerator.device)
+                    if max_norms is not None:
+                        max_norms.add(norms, global_step)
                 progress.update(1)
                 losses.add(loss, global_step)
                 if log is not None:
@@ -321,6 +359,10 @@ class NetworkTrainer:
                 if self.sample_due(args, step=global_step, epoch_end=False):
                     losses.flush()
                     self.sample(args, accelerator, models, network, step=global_step, epoch=None)
+                if self.validator is not None and self.validator.settings.due_at_step(global_step):
+                    losses.flush()
+                    with optimizer_eval_mode(optimizer):
+                        self.validator.run(kind="step", step=global_step, train_loss=losses.average, log=log)
                 if global_step >= schedule.max_train_steps:
                     break
 
@@ -328,6 +370,9 @@ class NetworkTrainer:
             if log is not None:
                 log({"loss/epoch_average": epoch_mean}, epoch + 1)
             logger.info("epoch %d/%d done, mean loss %.4f", epoch + 1, schedule.num_epochs, epoch_mean)
+            if self.validator is not None and self.validator.settings.due_at_epoch_end(epoch + 1):
+                with optimizer_eval_mode(optimizer):
+                    self.validator.run(kind="epoch", step=epoch + 1, train_loss=epoch_mean, log=log)
             if policy.saves_at_epoch_end(epoch + 1, schedule.num_epochs):
                 self.save(args, accelerator, unwrapped, policy, policy.epoch_stem(epoch + 1), base_metadata,
                           save_dtype, epoch=epoch + 1, step=global_step, with_state=policy.save_state)
@@ -339,6 +384,8 @@ class NetworkTrainer:
 
         progress.close()
         losses.flush()
+        if max_norms is not None:
+            max_norms.flush()
         self.save(args, accelerator, unwrapped, policy, policy.final_stem(), base_metadata, save_dtype,
                   epoch=epoch + 1, step=global_step,
                   with_state=policy.save_state or policy.save_state_on_train_end)
@@ -359,7 +406,8 @@ class NetworkTrainer:
 
     def training_loss(self, args, accelerator, models: FamilyModels, batch: dict, train_te: bool,
                       weight_dtype) -> torch.Tensor:
-        """Loss of one batch: latents, text conditioning, prediction, weighted MSE."""
+        """Loss of one batch: latents, text conditioning, prediction, then :func:`library.training.loss.training_loss`
+        (``--loss_type``, alpha masks, prior loss weights, SNR weightings)."""
         with torch.no_grad():
             if batch.get("latents") is not None:
                 latents = batch["latents"].to(accelerator.device)
@@ -370,28 +418,25 @@ class NetworkTrainer:
             with torch.set_grad_enabled(train_te):
                 conditioning = self.family.encode_text(models, batch, args)
             prediction = self.family.predict(models, latents, conditioning, batch, args)
-        loss = F.mse_loss(prediction.pred.float(), prediction.target.float(), reduction="none")
-        loss = loss.mean(dim=list(range(1, loss.ndim)))
-        loss = loss * batch["loss_weights"].to(loss.device)
-        return loss.mean()
+        return training_loss(prediction.pred, prediction.target, prediction.timesteps, self.loss_config,
+                             loss_weights=batch["loss_weights"], alphas_cumprod=prediction.alphas_cumprod,
+                             masks=batch.get("alpha_masks"))
 
     def lr_logs(self, lr_scheduler) -> dict:
-        lrs = lr_scheduler.get_last_lr()
-        names = self.lr_names if self.lr_names and len(self.lr_names) == len(lrs) else \
-            [f"group{i}" for i in range(len(lrs))]
-        return {f"lr/{name}": lr for name, lr in zip(names, lrs)}
+        return lr_log_values(self.optimizer, lr_scheduler, self.lr_names)
 
     # ========================================================================= save and sample
     def save(self, args, accelerator, network, policy: SavePolicy, stem: str, base_metadata, save_dtype, *,
              epoch: int, step: int, with_state: bool) -> None:
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            path = policy.model_path(stem)
-            metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=args.no_metadata)
-            network.save_weights(str(path), save_dtype, metadata)
-            logger.info("saved %s", path)
-        if with_state:
-            self.save_state(accelerator, policy.state_dir(stem), epoch=epoch, step=step)
+        with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
+            if accelerator.is_main_process:
+                path = policy.model_path(stem)
+                metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=args.no_metadata)
+                network.save_weights(str(path), save_dtype, metadata)
+                logger.info("saved %s", path)
+            if with_state:
+                self.save_state(accelerator, policy.state_dir(stem), epoch=epoch, step=step)
 
     @staticmethod
     def save_state(accelerator, state_dir: Path, *, epoch: int, step: int) -> None:
@@ -427,10 +472,11 @@ class NetworkTrainer:
         try:
             generate = lambda prompt, generator: self.family.sample_image(  # noqa: E731
                 models, prompt, generator, args, device, torch.float32)
-            write_sample_images(prompts, generate, output_dir=args.output_dir, output_name=args.output_name,
-                                step=step, epoch=epoch, device=device,
-                                eval_context=eval_mode(models.denoiser, *models.text_encoders, network),
-                                process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+            with optimizer_eval_mode(self.optimizer):
+                write_sample_images(prompts, generate, output_dir=args.output_dir, output_name=args.output_name,
+                                    step=step, epoch=epoch, device=device,
+                                    eval_context=eval_mode(models.denoiser, *models.text_encoders, network),
+                                    process_index=accelerator.process_index, num_processes=accelerator.num_processes)
         finally:
             if args.cache_latents:
                 models.vae.to("cpu")

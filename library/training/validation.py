@@ -70,6 +70,12 @@ def validate_training_args(args) -> None:
         raise ArgumentError("--log_with tensorboard needs --logging_dir")
     if args.log_with in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         raise ArgumentError("--log_with wandb: the wandb package is not installed (pip install wandb)")
+    if getattr(args, "wandb_api_key", None) and args.log_with not in ("wandb", "all"):
+        logger.warning("--wandb_api_key is ignored without --log_with wandb (or all)")
+    if getattr(args, "log_tracker_config", None) and not os.path.isfile(args.log_tracker_config):
+        raise ArgumentError(f"--log_tracker_config {args.log_tracker_config}: no such file (a .toml of tracker "
+                            "init kwargs, e.g. [wandb] entity = \"me\")")
+    _check_validation_flags(args)
 
     if args.v_parameterization and not args.v2:
         logger.warning("--v_parameterization without --v2: fine for v-prediction SD1 models, unusual otherwise")
@@ -77,3 +83,79 @@ def validate_training_args(args) -> None:
         raise ArgumentError("--clip_skip must be 1 or more")
     if args.bucket_reso_steps % 8:
         raise ArgumentError(f"--bucket_reso_steps {args.bucket_reso_steps} must be a multiple of 8 (the latent stride)")
+    _check_noise_and_loss_flags(args)
+
+
+def _check_validation_flags(args) -> None:
+    """``--validation_split`` in [0, 1); the ``--validate_every_n_*`` / ``--max_validation_steps`` counts >= 1."""
+    split = getattr(args, "validation_split", None)
+    if split is not None and not 0 <= split < 1:
+        raise ArgumentError(f"--validation_split {split} must be in [0, 1): the fraction of images held out, e.g. 0.1")
+    for flag in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ArgumentError(f"--{flag} {value} must be 1 or more (leave it out for the default)")
+
+
+def _check_noise_and_loss_flags(args) -> None:
+    """Noise, timestep, loss and mask flags (docs/noise_and_loss.md); absent flags count as unset."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    v_pred = bool(get("v_parameterization", False))
+    if get("adaptive_noise_scale") is not None and not get("noise_offset"):
+        raise ArgumentError("--adaptive_noise_scale needs --noise_offset (it is added to the offset); "
+                            "add e.g. --noise_offset 0.05")
+    if get("noise_offset") is not None and get("noise_offset") < 0:
+        raise ArgumentError(f"--noise_offset {get('noise_offset')} must be 0 or more (about 0.1 is typical)")
+    if get("noise_offset_random_strength") and not get("noise_offset"):
+        logger.warning("--noise_offset_random_strength has no effect without --noise_offset")
+    if get("ip_noise_gamma") is not None and get("ip_noise_gamma") < 0:
+        raise ArgumentError(f"--ip_noise_gamma {get('ip_noise_gamma')} must be 0 or more (about 0.1 is typical)")
+    if get("ip_noise_gamma_random_strength") and not get("ip_noise_gamma"):
+        logger.warning("--ip_noise_gamma_random_strength has no effect without --ip_noise_gamma")
+    iterations = get("multires_noise_iterations")
+    if iterations is not None and iterations < 1:
+        raise ArgumentError(f"--multires_noise_iterations {iterations} must be 1 or more (6-10 typical), or leave it out")
+    discount = get("multires_noise_discount")
+    if iterations and discount is not None and not 0 < discount <= 1:
+        raise ArgumentError(f"--multires_noise_discount {discount} must be in (0, 1] (default 0.3)")
+    if get("zero_terminal_snr") and not v_pred:
+        logger.warning("--zero_terminal_snr without --v_parameterization: the last timestep is pure noise, "
+                       "which an epsilon-prediction model cannot learn well; v-prediction is recommended")
+
+    low, high = get("min_timestep"), get("max_timestep")
+    if low is not None and not 0 <= low <= 999:
+        raise ArgumentError(f"--min_timestep {low} must be in [0, 999]")
+    if high is not None and not 1 <= high <= 1000:
+        raise ArgumentError(f"--max_timestep {high} must be in [1, 1000]")
+    if (0 if low is None else low) > (1000 if high is None else high):
+        raise ArgumentError(f"--min_timestep {low} is above --max_timestep {high}: swap them "
+                            "(equal values train a single timestep)")
+    if low is not None and high is not None and low == high == 1000:
+        raise ArgumentError("--min_timestep/--max_timestep 1000 is past the last timestep (999)")
+
+    loss_type = get("loss_type", "l2")
+    if loss_type in ("huber", "smooth_l1"):
+        c = get("huber_c", 0.1)
+        if not 0 < c <= 1:
+            raise ArgumentError(f"--huber_c {c} must be in (0, 1] with --loss_type {loss_type} (default 0.1)")
+        if get("huber_scale", 1.0) <= 0:
+            raise ArgumentError(f"--huber_scale {get('huber_scale')} must be above 0 (default 1.0)")
+    gamma = get("min_snr_gamma")
+    if gamma is not None and gamma <= 0:
+        raise ArgumentError(f"--min_snr_gamma {gamma} must be above 0 (5 is the usual value)")
+    if get("scale_v_pred_loss_like_noise_pred") and not v_pred:
+        raise ArgumentError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization")
+    if get("v_pred_like_loss") and v_pred:
+        raise ArgumentError("--v_pred_like_loss cannot be used with --v_parameterization (the loss already is v-pred)")
+    if get("v_pred_like_loss") is not None and get("v_pred_like_loss") < 0:
+        raise ArgumentError(f"--v_pred_like_loss {get('v_pred_like_loss')} must be 0 or more")
+
+    if get("conditioning_data_dir"):
+        raise ArgumentError("--conditioning_data_dir: mask images from a conditioning folder are not supported yet; "
+                            "put the mask in the images' alpha channel and use --masked_loss --alpha_mask")
+    if get("masked_loss") and not get("alpha_mask") and not get("dataset_config"):
+        raise ArgumentError("--masked_loss needs masks: add --alpha_mask (masks from the images' alpha channel); "
+                            "--conditioning_data_dir masks are not supported yet")
+    if get("weighted_captions") and get("shuffle_caption"):
+        logger.warning("--weighted_captions with --shuffle_caption: a weighted span that contains the caption "
+                       "separator is split by the shuffle and its brackets no longer match")

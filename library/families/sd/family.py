@@ -12,6 +12,8 @@ from library.args import ArgumentError
 from library.families.base import FamilyModels, ModelFamily, Prediction
 from library.families.ddpm import DDPMObjective
 from library.families.sd import text
+from library.training.noise import NoiseConfig
+from library.training.weighted_captions import apply_token_weights
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ class StableDiffusionFamily(ModelFamily):
             sd.vae.enable_xformers_memory_efficient_attention()
         return FamilyModels(denoiser=sd.unet, vae=sd.vae, text_encoders=[sd.text_encoder],
                             tokenizers=[sd.tokenizer],
-                            extra={"objective": DDPMObjective(args.v_parameterization), "sd": sd})
+                            extra={"objective": DDPMObjective(args.v_parameterization,
+                                                              noise=NoiseConfig.from_args(args)), "sd": sd})
 
     def make_tokenize_fn(self, models: FamilyModels, args):
         return functools.partial(text.tokenize, models.tokenizers[0], max_token_length=args.max_token_length)
@@ -53,18 +56,30 @@ class StableDiffusionFamily(ModelFamily):
 
     def encode_text(self, models: FamilyModels, batch: dict, args) -> torch.Tensor:
         te = models.text_encoders[0]
+        if getattr(args, "weighted_captions", False):
+            # The worker-side ids contain the bracket syntax: tokenize the raw captions again here.
+            ids, weights = text.tokenize_weighted(models.tokenizers[0], batch["captions"], args.max_token_length)
+            hidden = text.encode(te, ids.to(te.device), clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+            return apply_token_weights(hidden, weights)
         input_ids = batch["input_ids"].to(te.device)
         return text.encode(te, input_ids, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
 
-    def predict(self, models: FamilyModels, latents, conditioning, batch, args) -> Prediction:
+    def predict(self, models: FamilyModels, latents, conditioning, batch, args, *, timesteps=None,
+                noise=None) -> Prediction:
         objective: DDPMObjective = models.extra["objective"]
         latents = latents * LATENT_SCALE
-        noise = torch.randn_like(latents)
-        timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
-        noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps)
+        # Given noise (validation) is used as it is: no offset, pyramid or input perturbation.
+        perturb = noise is None
+        noise = objective.sample_noise(latents) if noise is None else noise.to(latents)
+        if timesteps is None:
+            timesteps = objective.sample_timesteps(latents.shape[0], latents.device)
+        else:
+            timesteps = timesteps.to(device=latents.device, dtype=torch.long)
+        noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps, perturb=perturb)
         dtype = conditioning.dtype  # the compute dtype (the U-Net may store some weights in fp8)
         pred = models.denoiser(noisy.to(dtype), timesteps, conditioning).sample
-        return Prediction(pred=pred, target=target, timesteps=timesteps)
+        return Prediction(pred=pred, target=target, timesteps=timesteps,
+                          alphas_cumprod=objective.alphas_cumprod(latents.device))
 
     # --- output --------------------------------------------------------------------------------
     def base_model_version(self, args) -> str:

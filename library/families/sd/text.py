@@ -43,6 +43,11 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_token_
     n = chunk_count(max_token_length)
     ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=TEXT_PER_CHUNK * n + 2,
                     return_tensors="pt").input_ids
+    return _split_chunks(ids, tokenizer, n)
+
+
+def _split_chunks(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, n: int) -> torch.LongTensor:
+    """``[B, 75n + 2]`` ids (BOS, text, EOS, padding) -> ``[B, n, 77]`` chunks as :func:`tokenize` describes."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     batch = ids.shape[0]
     chunks = []
@@ -56,6 +61,29 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_token_
             body[body[:, 0] == pad, 0] = eos
         chunks.append(torch.cat([torch.full((batch, 1), bos, dtype=ids.dtype), body, end], dim=1))
     return torch.stack(chunks, dim=1)
+
+
+def tokenize_weighted(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_token_length: int | None
+                      ) -> tuple[torch.LongTensor, torch.Tensor]:
+    """``--weighted_captions``: ids ``[B, n, 77]`` of the captions without the weight syntax, and
+    per-token weights ``[B, 75n + 2]`` in the layout :func:`encode` returns (BOS/EOS/padding: 1).
+
+    The ids are chunked exactly as :func:`tokenize` chunks them; each text token carries the
+    weight of its span (:func:`library.training.weighted_captions.parse_weighted_caption`).
+    """
+    from library.training.weighted_captions import weighted_token_ids
+
+    n = chunk_count(max_token_length)
+    length = TEXT_PER_CHUNK * n + 2
+    ids = torch.full((len(captions), length), tokenizer.pad_token_id, dtype=torch.long)
+    weights = torch.ones((len(captions), length), dtype=torch.float32)
+    for row, caption in enumerate(captions):
+        text_ids, text_weights = weighted_token_ids(tokenizer, caption, TEXT_PER_CHUNK * n)
+        ids[row, 0] = tokenizer.bos_token_id
+        ids[row, 1:1 + len(text_ids)] = torch.tensor(text_ids, dtype=torch.long)
+        ids[row, 1 + len(text_ids)] = tokenizer.eos_token_id
+        weights[row, 1:1 + len(text_ids)] = torch.tensor(text_weights, dtype=torch.float32)
+    return _split_chunks(ids, tokenizer, n), weights
 
 
 def _text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
