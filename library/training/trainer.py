@@ -297,7 +297,7 @@ class NetworkTrainer:
                     len(val_group), ValidationSettings.from_args(args).timesteps)
         return ValidationRunner(
             settings=ValidationSettings.from_args(args), batches=lambda: iter(loader),
-            batch_losses=family_batch_losses(self.family, models, args, accelerator),
+            batch_losses=family_batch_losses(self.family, models, args, accelerator, loss_config=self.loss_config),
             eval_context=lambda: eval_mode(models.denoiser, *models.text_encoders, network))
 
     # ================================================================================= the loop

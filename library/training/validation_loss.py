@@ -119,13 +119,18 @@ BatchLosses = Callable[[dict, "tuple[int, ...]", NoiseFn], "list[float]"]
 
 
 def family_batch_losses(family, models, args, accelerator,
-                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mse_per_sample) -> BatchLosses:
+                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mse_per_sample,
+                        loss_config=None) -> BatchLosses:
     """The loss of one validation batch at each of the given timesteps, through the family API.
 
     Latents (cached or VAE-encoded) and text conditioning are computed once per batch; then for
     each timestep ``family.predict(..., timesteps=, noise=)`` is run with fresh noise from
-    ``noise_fn``. Loss weights of the batch are applied as in training (1 for validation images).
+    ``noise_fn``. With ``loss_config`` (the trainer passes its own) the loss is exactly the
+    training loss (``--loss_type``, masks, SNR weightings), so the two curves are comparable;
+    otherwise ``loss_fn`` per sample times the batch's loss weights.
     """
+    from library.training.loss import training_loss
+
     device = accelerator.device
 
     def losses(batch: dict, timesteps: tuple[int, ...], noise_fn: NoiseFn) -> list[float]:
@@ -142,7 +147,12 @@ def family_batch_losses(family, models, args, accelerator,
                 noise = noise_fn(latents.shape).to(device)
                 steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
                 prediction = family.predict(models, latents, conditioning, batch, args, timesteps=steps, noise=noise)
-                out.append(float((loss_fn(prediction.pred, prediction.target) * weights).mean()))
+                if loss_config is not None:
+                    loss = training_loss(prediction.pred, prediction.target, steps, loss_config, loss_weights=weights,
+                                         alphas_cumprod=prediction.alphas_cumprod, masks=batch.get("alpha_masks"))
+                else:
+                    loss = (loss_fn(prediction.pred, prediction.target) * weights).mean()
+                out.append(float(loss))
         return out
 
     return losses
