@@ -27,7 +27,8 @@ from library.data import latent_cache
 from library.data.buckets import BucketPlanner, adjust_bucket_limits, flipped_crop_left, sai_crop_ltrb
 from library.data.captions import TrainingPosition, process_caption, tag_frequency
 from library.data.errors import DatasetError
-from library.data.images import color_augment, crop_image, face_crop, load_image, resize_image, split_alpha, to_tensor
+from library.data.images import (color_augment, crop_image, face_crop, load_image, load_mask, resize_image, split_alpha,
+                                 to_tensor)
 from library.data.params import DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
 from library.data.subsets import (ImageInfo, ValidationSplit, balance_reg_images, load_dreambooth_subset,
                                   load_fine_tuning_subset)
@@ -126,7 +127,7 @@ class BucketedDataset:
         if len({info.has_cached_latents for info in members}) > 1:
             raise DatasetError(f"batch {index} mixes images with and without cached latents: "
                                "cache_latents must cover every image")
-        want_masks = any(info.subset.alpha_mask for info in members)
+        want_masks = any(info.subset.uses_masks for info in members)
         samples = [self._make_sample(info, (seed, position.epoch, self.index, index, pos), position, replacements)
                    for pos, info in enumerate(members)]
         cached = members[0].has_cached_latents
@@ -170,7 +171,14 @@ class BucketedDataset:
         """The image of ``info`` at its bucket size: [3,H,W] in [-1,1], and the alpha mask [H,W] or None."""
         subset = info.subset
         bucket = info.placement.bucket
-        image = load_image(info.path, with_alpha=subset.alpha_mask)
+        if info.mask_path is not None:
+            # The mask image becomes the alpha channel (replacing the file's own), so it follows
+            # every resize, crop and flip below exactly.
+            rgb = load_image(info.path)
+            mask = load_mask(info.mask_path, (rgb.shape[1], rgb.shape[0]))
+            image = np.concatenate([rgb, mask[..., None]], axis=2)
+        else:
+            image = load_image(info.path, with_alpha=subset.alpha_mask)
         if image.shape[1] != info.image_size[0] or image.shape[0] != info.image_size[1]:
             raise DatasetError(f"image {info.path} is {image.shape[1]}x{image.shape[0]} but was "
                                f"{info.image_size[0]}x{info.image_size[1]} when the dataset was built "
@@ -197,7 +205,7 @@ class BucketedDataset:
             lat = info.latents_flipped if flipped else info.latents
             mask = info.cached_alpha_mask
         else:
-            lat, mask = latent_cache.read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.alpha_mask)
+            lat, mask = latent_cache.read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.uses_masks)
         if lat is None:
             raise DatasetError(f"no flipped latents cached for {info.path}: re-cache with flip_aug on")
         if mask is not None and flipped:
@@ -244,7 +252,7 @@ class BucketedDataset:
 
 def _load_subset(subset: SubsetParams, split: ValidationSplit | None) -> list[ImageInfo]:
     if isinstance(subset, FineTuningSubsetParams):
-        return load_fine_tuning_subset(subset)
+        return load_fine_tuning_subset(subset, split=split)
     assert isinstance(subset, DreamBoothSubsetParams)
     return load_dreambooth_subset(subset, split=None if subset.is_reg else split)
 

@@ -81,6 +81,21 @@ def load_image(path: Path, *, with_alpha: bool = False) -> np.ndarray:
         raise DatasetError(f"cannot decode image {path}: {e} -- replace or remove the file") from e
 
 
+def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The red channel of the mask image ``path`` as HW uint8 (255 = train), resized to ``size`` (w, h).
+
+    A mask of another size is resized bilinearly (its aspect ratio was checked at build time).
+    """
+    try:
+        with Image.open(path) as im:
+            mask = np.asarray(im.convert("RGB"), dtype=np.uint8)[..., 0].copy()
+    except Exception as e:
+        raise DatasetError(f"cannot decode mask image {path}: {e} -- replace or remove the file") from e
+    if (mask.shape[1], mask.shape[0]) != tuple(size):
+        mask = cv2.resize(mask, tuple(int(s) for s in size), interpolation=cv2.INTER_LINEAR)
+    return mask
+
+
 def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
     """Resize to ``size`` = (width, height).
 

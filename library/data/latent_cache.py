@@ -6,7 +6,8 @@ zero-padded to 4 digits; suffix ``_sd`` for SD 1.x/2.x) holding
 * ``latents``: float32 [C, h, w], the raw (unscaled) VAE sample for the image at its bucket size,
 * ``original_size``: [w, h]; ``crop_ltrb``: [l, t, r, b] (SAI convention, see ``buckets``),
 * ``latents_flipped``: latents of the horizontally flipped image (when flip_aug is on),
-* ``alpha_mask``: float32 [H, W] at bucket size (when alpha_mask is on).
+* ``alpha_mask``: float32 [H, W] at bucket size (when alpha_mask is on or the subset has a
+  ``conditioning_data_dir`` mask; re-cache after editing masks).
 
 A file is valid when it exists, has the keys the subset needs and ``latents`` has the shape
 bucket / stride. ``skip_cache_check`` trusts any existing file (existence only), which saves
@@ -111,7 +112,7 @@ class _Job:
 
     @property
     def alpha(self) -> bool:
-        return any(i.subset.alpha_mask for i in self.infos)
+        return any(i.subset.uses_masks for i in self.infos)
 
 
 def _plan(images: Iterable, *, to_disk: bool, cache_suffix: str) -> list[_Job]:

@@ -51,6 +51,16 @@ class SubsetParams:
         return False
 
     @property
+    def mask_dir(self) -> Path | None:
+        """The folder of mask images (``conditioning_data_dir``), or None; DreamBooth subsets only."""
+        return None
+
+    @property
+    def uses_masks(self) -> bool:
+        """Whether samples of this subset carry a loss mask (alpha channel or mask image)."""
+        return self.alpha_mask or self.mask_dir is not None
+
+    @property
     def name(self) -> str:
         """The name used in metadata (``ss_dataset_dirs``, ``ss_tag_frequency``): the folder's basename."""
         return self.image_dir.name if self.image_dir is not None else ""
@@ -80,6 +90,12 @@ class DreamBoothSubsetParams(SubsetParams):
     class_tokens: str | None = None
     caption_extension: str = ".caption"
     cache_info: bool = False
+    # Loss masks: one image per training image (same stem), red channel = mask (white trains).
+    conditioning_data_dir: Path | None = None
+
+    @property
+    def mask_dir(self) -> Path | None:
+        return self.conditioning_data_dir
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@
   ``<stem><caption_extension>`` (also tried with a trailing ``_cx_cy_w_h`` face suffix removed),
   else ``class_tokens``, else "" (warned). With ``cache_info`` the captions and sizes are kept in
   ``<image_dir>/metadata_cache.json`` (delete it after editing captions or images).
+  With ``conditioning_data_dir`` every image has a mask image with the same stem there (any
+  supported extension; its red channel is the loss mask) and every mask has an image: checked by
+  :func:`check_mask_folders` and when the subset is read.
 * Fine-tuning subset: ``metadata_file`` is a json object ``{"<image key or path>": {"caption",
   "tags", "image_size": [w, h]}}`` or a ``.jsonl`` file of ``{"image_path", "caption", "tags",
   "image_size"}`` lines; caption = caption + caption_separator + tags (tags appended to each line).
 
 Everything that can be wrong with the files (missing folder, unreadable image header, non-UTF-8
-or empty caption, image named in the metadata but absent) is reported here, at build time.
+or empty caption, image named in the metadata but absent, missing or orphan mask, mask whose
+aspect ratio differs from its image) is reported here, at build time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, TypeVar
+from typing import Iterable, Literal, Sequence, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -51,6 +55,7 @@ class ImageInfo:
     image_size: tuple[int, int]  # original (w, h)
     subset: SubsetParams
     face: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the file name
+    mask_path: Path | None = None  # the mask image (conditioning_data_dir); replaces any alpha channel
     placement: Placement | None = None  # set by the dataset's bucketing
     crop_ltrb: tuple[int, int, int, int] | None = None
     # Filled by latent caching: in memory, or the npz read for every batch.
@@ -117,6 +122,80 @@ def _write_info_cache(folder: Path, infos: list[ImageInfo], raw_captions: dict[s
         Path(tmp).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------- mask images
+
+_MASK_AR_TOLERANCE = 0.02  # relative aspect-ratio difference allowed between an image and its mask
+
+
+def _first(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def list_masks(folder: Path, where: str) -> dict[str, Path]:
+    """Mask images of ``folder`` by file stem; errors name the folder (missing, or two masks for one stem)."""
+    if not folder.is_dir():
+        raise DatasetError(f"{where}: conditioning_data_dir {folder} does not exist or is not a folder")
+    masks: dict[str, Path] = {}
+    for path in list_images(folder):
+        if path.stem in masks:
+            raise DatasetError(f"{where}: conditioning_data_dir {folder} has two masks for '{path.stem}' "
+                               f"({masks[path.stem].name} and {path.name}): keep one")
+        masks[path.stem] = path
+    return masks
+
+
+def check_mask_folders(subsets: Iterable[SubsetParams]) -> None:
+    """Every image of a subset with a mask folder has a mask there, and every mask has an image.
+
+    Subsets sharing one folder (the CLI-only ``--conditioning_data_dir`` serves every training
+    sub-folder) are checked together: a mask is an orphan only when no subset using the folder
+    has an image with its stem. Subsets with ``num_repeats`` < 1 or a missing ``image_dir`` are
+    left to the subset loader.
+    """
+    users: dict[Path, list[SubsetParams]] = {}
+    for subset in subsets:
+        if subset.mask_dir is not None and subset.num_repeats >= 1:
+            users.setdefault(subset.mask_dir, []).append(subset)
+    for folder, members in users.items():
+        masks = list_masks(folder, members[0].where)
+        stems: set[str] = set()
+        dirs: list[str] = []
+        for subset in members:
+            if subset.image_dir is None or not subset.image_dir.is_dir():
+                continue
+            own = {p.stem for p in list_images(subset.image_dir)}
+            missing = sorted(own - set(masks))
+            if missing:
+                raise DatasetError(f"{subset.where}: {len(missing)} image(s) in {subset.image_dir} have no mask in "
+                                   f"conditioning_data_dir {folder} (a mask is an image with the same file stem): "
+                                   f"{_first(missing)}; add the masks or move those images out")
+            stems |= own
+            dirs.append(str(subset.image_dir))
+        orphans = sorted(set(masks) - stems)
+        if orphans and dirs:
+            raise DatasetError(f"conditioning_data_dir {folder}: {len(orphans)} mask(s) have no image with the same "
+                               f"file stem in {', '.join(dirs)}: {_first(orphans)}; remove those masks or add the "
+                               "images")
+
+
+def _attach_masks(infos: list[ImageInfo], subset: SubsetParams) -> None:
+    folder = subset.mask_dir
+    masks = list_masks(folder, subset.where)
+    missing = sorted(i.path.stem for i in infos if i.path.stem not in masks)
+    if missing:
+        raise DatasetError(f"{subset.where}: {len(missing)} image(s) have no mask in conditioning_data_dir {folder} "
+                           f"(a mask is an image with the same file stem): {_first(missing)}; add the masks")
+    for info in infos:
+        info.mask_path = masks[info.path.stem]
+        mw, mh = read_image_size(info.mask_path)
+        w, h = info.image_size
+        if abs((mw / mh) / (w / h) - 1) > _MASK_AR_TOLERANCE:
+            raise DatasetError(f"mask {info.mask_path} is {mw}x{mh} but its image {info.path} is {w}x{h}: "
+                               "the shapes differ; a mask must have the image's size (or the same aspect ratio, "
+                               "it is then resized to the image size)")
+
+
 def load_dreambooth_subset(subset: DreamBoothSubsetParams, *, split: ValidationSplit | None = None) -> list[ImageInfo]:
     """ImageInfos of a DreamBooth subset (repeats = ``num_repeats``); errors name the file."""
     folder = subset.image_dir
@@ -154,6 +233,8 @@ def load_dreambooth_subset(subset: DreamBoothSubsetParams, *, split: ValidationS
                            _caption_extension(subset.caption_extension), missing[0].path.name)
     if subset.cache_info and scanned:
         _write_info_cache(folder, infos, raw_captions)
+    if subset.mask_dir is not None:
+        _attach_masks(infos, subset)
     return infos
 
 
@@ -217,12 +298,18 @@ def _fine_tuning_caption(meta: dict, subset: FineTuningSubsetParams) -> str | No
     return "\n".join(line + subset.caption_separator + tags for line in lines)
 
 
-def load_fine_tuning_subset(subset: FineTuningSubsetParams) -> list[ImageInfo]:
-    """ImageInfos of a fine-tuning subset from its metadata file."""
+def load_fine_tuning_subset(subset: FineTuningSubsetParams, *, split: ValidationSplit | None = None) -> list[ImageInfo]:
+    """ImageInfos of a fine-tuning subset from its metadata file.
+
+    With a ``split``, the metadata keys (sorted) are divided as DreamBooth image paths are, and
+    only the chosen part is read.
+    """
     meta_path = subset.metadata_file
     if meta_path is None or not meta_path.is_file():
         raise DatasetError(f"{subset.where}: metadata_file {meta_path} does not exist")
     entries = _read_metadata(meta_path)
+    if split is not None:
+        entries = {key: entries[key] for key in sorted(split.select(sorted(entries)))}
     infos: list[ImageInfo] = []
     no_caption = 0
     for key, meta in tqdm(entries.items(), desc=f"reading {meta_path.name}", disable=len(entries) < _PROGRESS_MIN,
