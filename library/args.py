@@ -321,9 +321,11 @@ def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
     """Loss masks (see docs/noise_and_loss.md)."""
     g = parser.add_argument_group("masked loss")
     g.add_argument("--conditioning_data_dir", type=str, default=None,
-                   help="folder of mask images (same stem as the training images; not supported yet)")
+                   help="folder of mask images: same file stem as each training image, red channel = mask "
+                        "(white trains, black is ignored); needs --masked_loss")
     g.add_argument("--masked_loss", action="store_true",
-                   help="weight the loss by a mask (alpha channel with --alpha_mask; conditioning masks not yet)")
+                   help="weight the loss by a mask (from --conditioning_data_dir images or, with --alpha_mask, "
+                        "the images' alpha channel)")
 
 
 def setup_network_parser() -> argparse.ArgumentParser:

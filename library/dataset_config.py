@@ -10,6 +10,9 @@ CLI-only mode (no ``--dataset_config``): ``--train_data_dir`` holds one DreamBoo
 sub-folder named ``<repeats>_<class tokens>``; ``--reg_data_dir`` the same for regularization
 images; ``--in_json`` makes one fine-tuning subset (images in ``--train_data_dir``, repeats
 ``--dataset_repeats``). ``--dataset_class pkg.module.Class`` replaces all of this.
+``--conditioning_data_dir`` (with ``--masked_loss``) is the mask folder of every training
+sub-folder (not of the regularization ones); with ``--dataset_config`` it is ignored and each
+subset names its own ``conditioning_data_dir``.
 
 Errors are :class:`~library.data.errors.DatasetError` with the file, folder or key path at fault.
 """
@@ -34,14 +37,14 @@ from library.data.errors import DatasetError
 from library.data.group import DatasetGroup
 from library.data.images import is_image_file
 from library.data.params import DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
-from library.data.subsets import ValidationSplit
+from library.data.subsets import ValidationSplit, check_mask_folders
 
 logger = logging.getLogger(__name__)
 
 _FOLDER_NAME = re.compile(r"(\d+)(?:_(.*))?", re.DOTALL)
 # TOML key -> argparse destination, where they differ.
 _CLI_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
-_PATH_FIELDS = {"image_dir", "metadata_file"}
+_PATH_FIELDS = {"image_dir", "metadata_file", "conditioning_data_dir"}
 _NON_RESOLVED = {"kind", "subsets", "where"}
 
 
@@ -128,10 +131,8 @@ def _check_dataset(params: DatasetParams) -> None:
         raise DatasetError(f"{where}: " + "; ".join(problems))
 
 
-def _dataset_kind(dataset: dict, where: str) -> str:
+def _dataset_kind(dataset: dict, where: str, *, masked_loss: bool = False) -> str:
     subsets = dataset.get("subsets", [])
-    if any("conditioning_data_dir" in s for s in subsets):
-        raise DatasetError(f"{where}: conditioning_data_dir (ControlNet datasets) is not supported by this script")
     ft = [i for i, s in enumerate(subsets) if "metadata_file" in s]
     if ft and len(ft) != len(subsets):
         raise DatasetError(f"{where}: mixes fine-tuning subsets (with metadata_file) and DreamBooth subsets "
@@ -141,9 +142,12 @@ def _dataset_kind(dataset: dict, where: str) -> str:
             if "image_dir" not in s:
                 raise DatasetError(f"{where}.subsets[{i}]: image_dir is required for a DreamBooth subset "
                                    "(or give metadata_file for a fine-tuning subset)")
+            if "conditioning_data_dir" in s and not masked_loss:
+                raise DatasetError(f"{where}.subsets[{i}]: conditioning_data_dir (mask images for the loss) needs "
+                                   "--masked_loss: add --masked_loss, or remove conditioning_data_dir")
         return "dreambooth"
     for i, s in enumerate(subsets):
-        wrong = sorted({"is_reg", "class_tokens", "caption_extension", "cache_info"} & set(s))
+        wrong = sorted({"is_reg", "class_tokens", "caption_extension", "cache_info", "conditioning_data_dir"} & set(s))
         if wrong:
             raise DatasetError(f"{where}.subsets[{i}]: {', '.join(wrong)} not valid in a fine-tuning subset "
                                "(one with metadata_file): remove it")
@@ -157,7 +161,7 @@ def blueprints_from_config(config: dict, args, *, source: str = "dataset config"
     blueprints = []
     for d, dataset in enumerate(config.get("datasets", [])):
         where = f"{source}: datasets[{d}]"
-        kind = _dataset_kind(dataset, where)
+        kind = _dataset_kind(dataset, where, masked_loss=bool(getattr(args, "masked_loss", False)))
         subset_cls = DreamBoothSubsetParams if kind == "dreambooth" else FineTuningSubsetParams
         subsets = tuple(
             _resolve(subset_cls, [subset, dataset, general], cli, {"where": f"{where}.subsets[{s}]"})
@@ -206,7 +210,8 @@ def _no_data_message(flag: str, parent: Path, seen: list[str] | None = None) -> 
     return msg
 
 
-def _folder_subsets(parent: Path, *, is_reg: bool, flag: str, cli: dict) -> tuple[list[SubsetParams], list[str]]:
+def _folder_subsets(parent: Path, *, is_reg: bool, flag: str, cli: dict,
+                    mask_dir: Path | None = None) -> tuple[list[SubsetParams], list[str]]:
     if not parent.is_dir():
         raise DatasetError(f"{flag} {parent} does not exist or is not a folder")
     subsets, seen = [], []
@@ -217,7 +222,7 @@ def _folder_subsets(parent: Path, *, is_reg: bool, flag: str, cli: dict) -> tupl
             logger.warning("%s: sub-folder %r skipped: its name does not start with '<repeats>_'", flag, child.name)
             continue
         fixed = {"image_dir": child, "num_repeats": int(m[1]), "class_tokens": m[2] or None, "is_reg": is_reg,
-                 "where": str(child)}
+                 "conditioning_data_dir": mask_dir, "where": str(child)}
         subsets.append(_resolve(DreamBoothSubsetParams, [], cli, fixed))
     return subsets, seen
 
@@ -228,6 +233,14 @@ def blueprints_from_cli(args) -> list[DatasetParams]:
     if cli.get("resolution") is None:
         raise DatasetError("--resolution is not set: pass e.g. --resolution 512 (or 'width,height')")
     train_dir = getattr(args, "train_data_dir", None)
+    mask_dir = getattr(args, "conditioning_data_dir", None)
+    if mask_dir and not getattr(args, "masked_loss", False):
+        raise DatasetError(f"--conditioning_data_dir {mask_dir}: mask images are only used with --masked_loss: "
+                           "add --masked_loss, or drop --conditioning_data_dir")
+    if mask_dir and getattr(args, "in_json", None):
+        raise DatasetError(f"--conditioning_data_dir {mask_dir} works with --train_data_dir sub-folders, not with "
+                           "--in_json: drop --in_json, or put the masks into the images' alpha channel "
+                           "(--alpha_mask)")
     if getattr(args, "in_json", None):
         fixed = {"metadata_file": Path(args.in_json), "image_dir": Path(train_dir) if train_dir else None,
                  "where": f"--in_json {args.in_json}"}
@@ -236,7 +249,8 @@ def blueprints_from_cli(args) -> list[DatasetParams]:
     else:
         if not train_dir:
             raise DatasetError("no training data: give --dataset_config, --train_data_dir or --in_json")
-        subsets, seen = _folder_subsets(Path(train_dir), is_reg=False, flag="--train_data_dir", cli=cli)
+        subsets, seen = _folder_subsets(Path(train_dir), is_reg=False, flag="--train_data_dir", cli=cli,
+                                        mask_dir=Path(mask_dir).expanduser() if mask_dir else None)
         if not subsets:
             raise DatasetError(_no_data_message("--train_data_dir", Path(train_dir), seen))
         reg_dir = getattr(args, "reg_data_dir", None)
@@ -252,7 +266,7 @@ def blueprints_from_cli(args) -> list[DatasetParams]:
 
 
 def _split(params: DatasetParams, part: str, seed: int) -> ValidationSplit | None:
-    if params.validation_split <= 0 or not params.is_dreambooth:
+    if params.validation_split <= 0:
         return None
     split_seed = params.validation_seed if params.validation_seed is not None else seed
     return ValidationSplit(params.validation_split, split_seed, part)  # type: ignore[arg-type]
@@ -262,6 +276,10 @@ def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] |
                         bucket_reso_steps_multiple: int | None = None) -> tuple[Any, DatasetGroup | None]:
     """Build the training group and, when a dataset sets ``validation_split``, the validation group.
 
+    DreamBooth and fine-tuning datasets are split alike: each subset's images (fine-tuning: its
+    metadata keys) sorted, shuffled with ``validation_seed`` (else the seed), the first
+    ceil(n * (1 - split)) trained on, the rest validated on with repeats 1; reg images are not split.
+
     Reads images headers and captions now, so bad input fails here, before any model work.
     ``args.seed`` fixes all data randomness (a random seed is drawn and logged when it is None).
     """
@@ -269,7 +287,8 @@ def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] |
         return load_custom_dataset(args.dataset_class, args, tokenize=tokenize), None
     from_config = bool(getattr(args, "dataset_config", None))
     if from_config:
-        ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "in_json") if getattr(args, n, None)]
+        ignored = [f"--{n}" for n in ("train_data_dir", "reg_data_dir", "in_json", "conditioning_data_dir")
+                   if getattr(args, n, None)]
         if ignored:
             logger.warning("%s ignored: --dataset_config is given", ", ".join(ignored))
         config = load_config_file(args.dataset_config)
@@ -279,9 +298,12 @@ def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] |
     seed = args.seed if getattr(args, "seed", None) is not None else random.randint(0, 2**31 - 1)
     if getattr(args, "seed", None) is None:
         logger.info("no --seed: data pipeline seed %d", seed)
-    for params in blueprints:
-        if params.validation_split > 0 and not params.is_dreambooth:
-            logger.warning("%s: validation_split is not supported for fine-tuning datasets; ignored", params.where)
+    all_subsets = [s for params in blueprints for s in params.subsets]
+    if getattr(args, "masked_loss", False) and not any(s.uses_masks for s in all_subsets):
+        raise DatasetError("--masked_loss: no subset has masks: set conditioning_data_dir (a folder of mask images) "
+                           "or alpha_mask = true on the subsets of " + (str(args.dataset_config) if from_config else
+                                                                        "the dataset (or pass --alpha_mask)"))
+    check_mask_folders(all_subsets)
 
     prior_loss_weight = getattr(args, "prior_loss_weight", None)
     common = dict(seed=seed, prior_loss_weight=1.0 if prior_loss_weight is None else prior_loss_weight,

@@ -269,13 +269,25 @@ def parse(*argv: str) -> argparse.Namespace:
     (["--max_timestep", "1001"], "--max_timestep 1001 must be in [1, 1000]"),
     (["--min_snr_gamma", "0"], "--min_snr_gamma 0.0 must be above 0"),
     (["--loss_type", "huber", "--huber_c", "0"], "--huber_c 0.0 must be in (0, 1]"),
-    (["--masked_loss", "--conditioning_data_dir", "masks"], "--conditioning_data_dir"),
-    (["--masked_loss"], "--masked_loss needs masks"),
+    (["--conditioning_data_dir", "."], "--conditioning_data_dir .: mask images are only used with --masked_loss"),
+    (["--masked_loss", "--conditioning_data_dir", "no/such/masks"],
+     "--conditioning_data_dir no/such/masks: no such folder"),
+    (["--masked_loss"], "--masked_loss needs masks: add --conditioning_data_dir DIR"),
 ])
 def test_bad_combinations_are_rejected(argv, message):
     with pytest.raises(ArgumentError) as err:
         _check_noise_and_loss_flags(parse(*argv))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--masked_loss", "--conditioning_data_dir", "."],
+    ["--masked_loss", "--alpha_mask"],
+    ["--masked_loss", "--dataset_config", "masks.toml"],  # the config's subsets are checked when it is read
+    ["--masked_loss", "--dataset_config", "masks.toml", "--conditioning_data_dir", "ignored"],
+])
+def test_mask_sources_are_accepted(argv):
+    _check_noise_and_loss_flags(parse(*argv))
 
 
 def test_flag_defaults_and_config_from_args():

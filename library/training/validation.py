@@ -150,12 +150,20 @@ def _check_noise_and_loss_flags(args) -> None:
     if get("v_pred_like_loss") is not None and get("v_pred_like_loss") < 0:
         raise ArgumentError(f"--v_pred_like_loss {get('v_pred_like_loss')} must be 0 or more")
 
-    if get("conditioning_data_dir"):
-        raise ArgumentError("--conditioning_data_dir: mask images from a conditioning folder are not supported yet; "
-                            "put the mask in the images' alpha channel and use --masked_loss --alpha_mask")
-    if get("masked_loss") and not get("alpha_mask") and not get("dataset_config"):
-        raise ArgumentError("--masked_loss needs masks: add --alpha_mask (masks from the images' alpha channel); "
-                            "--conditioning_data_dir masks are not supported yet")
+    masks_dir = get("conditioning_data_dir")
+    if masks_dir and not get("masked_loss"):
+        raise ArgumentError(f"--conditioning_data_dir {masks_dir}: mask images are only used with --masked_loss: "
+                            "add --masked_loss, or drop --conditioning_data_dir")
+    if masks_dir and get("dataset_config"):
+        logger.warning("--conditioning_data_dir is ignored with --dataset_config: set conditioning_data_dir on "
+                       "the subsets in the config instead")
+    elif masks_dir and not os.path.isdir(masks_dir):
+        raise ArgumentError(f"--conditioning_data_dir {masks_dir}: no such folder (it holds one mask image per "
+                            "training image, same file stem, red channel = mask)")
+    if get("masked_loss") and not get("alpha_mask") and not masks_dir and not get("dataset_config"):
+        raise ArgumentError("--masked_loss needs masks: add --conditioning_data_dir DIR (mask images with the same "
+                            "file stem as the training images; white = train) or --alpha_mask (the images' alpha "
+                            "channel)")
     if get("weighted_captions") and get("shuffle_caption"):
         logger.warning("--weighted_captions with --shuffle_caption: a weighted span that contains the caption "
                        "separator is split by the shuffle and its brackets no longer match")
