@@ -79,6 +79,15 @@ def test_resume_continues_to_identical_weights(tmp_path, tiny_sd1_ckpt):
     mid = load_file(str(full / "lora-step00000003.safetensors"))
     assert any(not torch.equal(mid[k], a[k]) for k in a)
 
+    # DataLoader worker processes (the default) see the same batches: same final weights
+    workers = tmp_path / "workers"
+    run_script("train_network.py", base_train_args(tiny_sd1_ckpt, workers, max_data_loader_n_workers=2,
+                                                   persistent_data_loader_workers=True,
+                                                   **{**common, "save_state": False}))
+    c = load_file(str(workers / "lora.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], c[key]), key
+
 
 def test_output_config_writes_non_defaults_and_exits(tmp_path):
     config = tmp_path / "saved"
