@@ -43,10 +43,10 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_token_
     n = chunk_count(max_token_length)
     ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=TEXT_PER_CHUNK * n + 2,
                     return_tensors="pt").input_ids
-    return _split_chunks(ids, tokenizer, n)
+    return split_chunks(ids, tokenizer, n)
 
 
-def _split_chunks(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, n: int) -> torch.LongTensor:
+def split_chunks(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, n: int) -> torch.LongTensor:
     """``[B, 75n + 2]`` ids (BOS, text, EOS, padding) -> ``[B, n, 77]`` chunks as :func:`tokenize` describes."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     batch = ids.shape[0]
@@ -83,7 +83,7 @@ def tokenize_weighted(tokenizer: PreTrainedTokenizerBase, captions: list[str], m
         ids[row, 1:1 + len(text_ids)] = torch.tensor(text_ids, dtype=torch.long)
         ids[row, 1 + len(text_ids)] = tokenizer.eos_token_id
         weights[row, 1:1 + len(text_ids)] = torch.tensor(text_weights, dtype=torch.float32)
-    return _split_chunks(ids, tokenizer, n), weights
+    return split_chunks(ids, tokenizer, n), weights
 
 
 def _text_transformer(text_encoder: CLIPTextModel) -> torch.nn.Module:
