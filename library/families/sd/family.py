@@ -102,14 +102,17 @@ class StableDiffusionFamily(ModelFamily):
                                   timestamp=timestamp, title_default=f"LoRA@{int(timestamp)}")
 
     def sample_image(self, models: FamilyModels, prompt, generator, args, device, dtype):
+        from library.generation.prompt_encoding import encode_prompts as encode_weighted_prompts
         from library.sampling.pipeline import Conditioning, LatentDiffusionSampler
 
         te, tok = models.text_encoders[0], models.tokenizers[0]
 
         def encode_prompts(prompts: list[str]) -> Conditioning:
-            ids = text.tokenize(tok, prompts, max_token_length=args.max_token_length).to(te.device)
-            return Conditioning(hidden_states=text.encode(te, ids, clip_skip=args.clip_skip,
-                                                          max_token_length=args.max_token_length))
+            # The prompt language of gen_img.py ((x:1.2) weights, BREAK, long prompts), so previews
+            # look like what users get from generation with the same prompt.
+            return Conditioning(hidden_states=encode_weighted_prompts(
+                tok, te, prompts, max_embeddings_multiples=text.chunk_count(args.max_token_length),
+                clip_skip=args.clip_skip))
 
         sampler = LatentDiffusionSampler(models.denoiser, models.vae, encode_prompts, latent_scale=LATENT_SCALE)
         return sampler.generate(prompt, sampler_name=prompt.sampler or args.sample_sampler,
