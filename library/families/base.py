@@ -62,8 +62,10 @@ class ModelFamily(abc.ABC):
         """Load the frozen base models (on CPU or ``device``) in ``weight_dtype``."""
 
     @abc.abstractmethod
-    def make_tokenize_fn(self, models: FamilyModels, args: argparse.Namespace) -> Callable[[list[str]], torch.Tensor]:
-        """A picklable function turning captions into token ids; it runs in DataLoader workers."""
+    def make_tokenize_fn(self, models: FamilyModels,
+                         args: argparse.Namespace) -> Callable[[list[str]], torch.Tensor] | None:
+        """A picklable function turning captions into token ids; it runs in DataLoader workers.
+        None when :meth:`encode_text` tokenizes the captions itself (e.g. weighted captions)."""
 
     # --- per step ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -47,6 +47,8 @@ class StableDiffusionFamily(ModelFamily):
                                                               noise=NoiseConfig.from_args(args)), "sd": sd})
 
     def make_tokenize_fn(self, models: FamilyModels, args):
+        if getattr(args, "weighted_captions", False):
+            return None  # encode_text tokenizes with the weights; worker-side ids would be thrown away
         return functools.partial(text.tokenize, models.tokenizers[0], max_token_length=args.max_token_length)
 
     # --- per step ------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ class StableDiffusionFamily(ModelFamily):
     def encode_text(self, models: FamilyModels, batch: dict, args) -> torch.Tensor:
         te = models.text_encoders[0]
         if getattr(args, "weighted_captions", False):
-            # The worker-side ids contain the bracket syntax: tokenize the raw captions again here.
+            # Weights come with the tokens, so weighted captions are tokenized here, not in the workers.
             ids, weights = text.tokenize_weighted(models.tokenizers[0], batch["captions"], args.max_token_length)
             hidden = text.encode(te, ids.to(te.device), clip_skip=args.clip_skip, max_token_length=args.max_token_length)
             return apply_token_weights(hidden, weights)
