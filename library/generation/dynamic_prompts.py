@@ -51,22 +51,28 @@ class _Group:
     content: str  # raw text between the braces
 
 
+def _unescaped(text: str, start: int = 0):
+    """``(index, char)`` for the characters of ``text`` from ``start`` that are neither a backslash
+    escape nor the character it escapes: the positions where braces and separators count."""
+    i = start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        yield i, text[i]
+        i += 1
+
+
 def _matching_brace(text: str, start: int) -> int:
     """Index of the ``}`` closing the ``{`` at ``start``, or -1."""
     depth = 0
-    i = start
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
+    for i, ch in _unescaped(text, start):
         if ch == "{":
             depth += 1
         elif ch == "}":
             depth -= 1
             if depth == 0:
                 return i
-        i += 1
     return -1
 
 
@@ -101,11 +107,8 @@ def _split_top(text: str, sep: str) -> list[str]:
     pieces: list[str] = []
     depth = 0
     start = 0
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            i += 2
+    for i, ch in _unescaped(text):
+        if i < start:  # inside a separator just matched
             continue
         if ch == "{":
             depth += 1
@@ -113,10 +116,7 @@ def _split_top(text: str, sep: str) -> list[str]:
             depth -= 1
         elif depth == 0 and text.startswith(sep, i):
             pieces.append(text[start:i])
-            i += len(sep)
-            start = i
-            continue
-        i += 1
+            start = i + len(sep)
     pieces.append(text[start:])
     return pieces
 
