@@ -27,6 +27,8 @@ generated. Second-order samplers (heun, dpm_2) blend after each of their two cal
 
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import random
 import sys
@@ -458,11 +460,9 @@ def load_generator(args, device: torch.device | None = None) -> SDGenerator:
         module.eval().requires_grad_(False)
     networks.to(device, dtype)
     if args.xformers:
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("xformers") is None:
             raise GenerationError("--xformers: the xformers package is not installed (pip install xformers), or drop "
-                                  "--xformers: PyTorch SDPA attention is used by default") from None
+                                  "--xformers: PyTorch SDPA attention is used by default")
         unet.enable_xformers_memory_efficient_attention()
         vae.enable_xformers_memory_efficient_attention()
     return SDGenerator(unet, vae, te, tok, args, device=device, dtype=dtype, networks=networks, embeddings=embeddings)
