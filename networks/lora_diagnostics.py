@@ -21,12 +21,14 @@ def format_key_list(keys: Sequence[str], limit: int = 5) -> str:
     return shown if len(keys) <= limit else f"{shown} (and {len(keys) - limit} more)"
 
 
+_SDXL_CONTEXT_WIDTH = 2048  # CLIP-L 768 + bigG 1280, concatenated
+
+
 def _sd_version_from_dims(state_dict: Mapping[str, torch.Tensor]) -> str:
     """SD 1.x vs 2.x from the cross-attention context width or the text-encoder width."""
-    for key, value in state_dict.items():
-        if key.endswith("attn2_to_k.lora_down.weight") and value.dim() >= 2:
-            width = value.shape[1]
-            return {768: "an SD 1.x", 1024: "an SD 2.x"}.get(width, f"an SD-style (context width {width})")
+    width = _context_width(state_dict)
+    if width is not None:
+        return {768: "an SD 1.x", 1024: "an SD 2.x"}.get(width, f"an SD-style (context width {width})")
     for key, value in state_dict.items():
         if key.startswith("lora_te_") and key.endswith("mlp_fc1.lora_down.weight") and value.dim() >= 2:
             width = value.shape[1]
@@ -34,10 +36,19 @@ def _sd_version_from_dims(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "an SD 1.x/2.x"
 
 
+def _context_width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Width of the cross-attention context (``attn2.to_k`` input), or ``None`` without such a key."""
+    for key, value in state_dict.items():
+        if key.endswith("attn2_to_k.lora_down.weight") and value.dim() >= 2:
+            return int(value.shape[1])
+    return None
+
+
 def guess_lora_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A short phrase saying what kind of network/model the weights seem to be for.
 
-    Examples: ``"an SDXL LoRA"``, ``"an SD 2.x LoRA"``, ``"a LyCORIS (LoHa/LoKr) network; load
+    Examples: ``"an SDXL LoRA"``, ``"an SDXL LoRA with diffusers module names (...)"``,
+    ``"an SD 2.x LoRA"``, ``"a LyCORIS (LoHa/LoKr) network; load
     it with --network_module lycoris.kohya"``.
     """
     keys = list(state_dict.keys())
@@ -57,8 +68,13 @@ def guess_lora_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "a FLUX.1 LoRA"
     if any_key("lora_unet_joint_blocks_"):
         return "an SD3/SD3.5 LoRA"
-    if any_key("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_", "lora_te1_", "lora_te2_"):
+    if any_key("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_"):
         return "an SDXL LoRA"
-    if any_key("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_", "lora_te_"):
+    diffusers_unet = any_key("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
+    if diffusers_unet and (any_key("lora_te1_", "lora_te2_") or _context_width(state_dict) == _SDXL_CONTEXT_WIDTH):
+        return "an SDXL LoRA with diffusers module names (lora_unet_down_blocks_...)"
+    if any_key("lora_te1_", "lora_te2_"):
+        return "an SDXL LoRA"
+    if diffusers_unet or any_key("lora_te_"):
         return f"{_sd_version_from_dims(state_dict)} LoRA"
     return "a network with an unrecognised key layout"

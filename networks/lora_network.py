@@ -23,7 +23,7 @@ from networks.lora_modules import LoRAModule, lora_delta_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlannedModule", "LoRANetwork", "load_weights_file"]
+__all__ = ["PlannedModule", "LoRANetwork", "load_weights_file", "rename_lora_keys"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,35 @@ def load_weights_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def rename_lora_keys(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
+                     source: str = "weights") -> dict[str, torch.Tensor]:
+    """``weights_sd`` with every module name found in ``aliases`` replaced by its file-format name.
+
+    Why: a file may spell a module another way than the format we save (diffusers-named SDXL
+    LoRAs: ``lora_unet_down_blocks_1_...`` for ``lora_unet_input_blocks_4_1_...``); renaming the
+    keys up front lets every later step work with one spelling. Raises ``ValueError`` when a
+    module appears under both spellings (the file would set it twice).
+    """
+    if not aliases:
+        return dict(weights_sd)
+    renamed: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    count = 0
+    for key, value in weights_sd.items():
+        name, dot, suffix = key.partition(".")
+        target = aliases.get(name, name)
+        new_key = f"{target}{dot}{suffix}"
+        if new_key in renamed:
+            raise ValueError(f"{source}: {key} and {origin[new_key]} are the same module ({target}) in two "
+                             "spellings; keep only one of them in the file")
+        renamed[new_key] = value
+        origin[new_key] = key
+        count += target != name
+    if count:
+        logger.info("%s: %d keys renamed from the model's module paths to the file-format names", source, count)
+    return renamed
+
+
 class LoRANetwork(nn.Module):
     """A LoRA network over one denoiser and zero or more text encoders.
 
@@ -77,9 +106,12 @@ class LoRANetwork(nn.Module):
         loraplus_unet_lr_ratio: float | None = None,
         loraplus_text_encoder_lr_ratio: float | None = None,
         block_lr_weights: Sequence[float] | None = None,
+        name_aliases: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.multiplier = float(multiplier)
+        # other spellings of module names that loading accepts (see rename_lora_keys); saving never uses them
+        self.name_aliases: dict[str, str] = dict(name_aliases or {})
         # lr multiplier per denoiser block (index = PlannedModule.block); None: one "unet" group
         self.block_lr_weights = list(block_lr_weights) if block_lr_weights is not None else None
         self._block_of: dict[str, int | None] = {plan.lora_name: plan.block for plan in planned}
@@ -161,19 +193,23 @@ class LoRANetwork(nn.Module):
     def load_state_dict_checked(self, weights_sd: Mapping[str, torch.Tensor], source: str = "weights") -> Any:
         """``load_state_dict`` with errors that say what is wrong with the file.
 
-        Keys naming no module raise ``ValueError`` with examples and a guess of what the file is
-        for; a shape mismatch names the key and both shapes. Modules dropped by ``apply_to``
+        Module names the network knows in another spelling (:attr:`name_aliases`, e.g. the
+        diffusers paths of an SDXL U-Net) are renamed first. Keys naming no module raise
+        ``ValueError`` with examples and a guess of what the file is for; a shape mismatch names
+        the key and both shapes. Modules dropped by ``apply_to``
         (e.g. text encoder with ``--network_train_unet_only``) are skipped silently; a module
         whose ``alpha`` is missing gets alpha = rank, the file format's rule. Network weights the
         file lacks keep their values (logged).
         """
         own = self.state_dict()
+        file_sd = weights_sd  # the names as the file spells them: what the error messages judge
+        weights_sd = rename_lora_keys(file_sd, self.name_aliases, source)
         weights = {k: v for k, v in weights_sd.items() if k.partition(".")[0] not in self._dropped_names}
         unexpected = [k for k in weights if k not in own]
         if unexpected:
             raise ValueError(
                 f"{source}: {len(unexpected)} of {len(weights_sd)} LoRA weights match no module of this network, e.g. "
-                f"{format_key_list(unexpected)}. The file looks like {guess_lora_kind(weights_sd)}, while this "
+                f"{format_key_list(unexpected)}. The file looks like {guess_lora_kind(file_sd)}, while this "
                 f"network's own keys look like {guess_lora_kind(own)}. Load the LoRA with the base model it was trained for."
             )
         for key, value in list(weights.items()):
@@ -182,11 +218,11 @@ class LoRANetwork(nn.Module):
                 weights[key] = value.reshape(expected)  # some writers store alpha as shape [1]
             elif value.shape != expected:
                 raise ValueError(f"{source}: {key} has shape {list(value.shape)} in the file but {list(expected)} in this network. "
-                                 + _shape_hint(key, value.shape, expected, weights_sd, own))
+                                 + _shape_hint(key, value.shape, expected, file_sd, own))
         for name in {k.partition(".")[0] for k in weights}:
             lora = getattr(self, name)
             if f"{name}.alpha" not in weights and f"{name}.lora_down.weight" in weights:
-                weights[f"{name}.alpha"] = torch.tensor(float(lora.lora_dim))
+                weights[f"{name}.alpha"] = lora.alpha.new_tensor(float(lora.lora_dim))
         info = self.load_state_dict(weights, strict=False)
         if info.missing_keys:
             logger.warning(
@@ -331,6 +367,7 @@ class LoRANetwork(nn.Module):
         """
         names = None
         if weights_sd is not None:
+            weights_sd = rename_lora_keys(weights_sd, self.name_aliases, "merge_to weights")
             self.load_state_dict_checked(weights_sd, "merge_to weights")
             names = {k.partition(".")[0] for k in weights_sd}
         merged = 0
