@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from library.data import latent_cache
+from library.data import latent_cache, te_cache
 from library.data.buckets import BucketPlanner, adjust_bucket_limits, flipped_crop_left, sai_crop_ltrb
 from library.data.captions import TrainingPosition, process_caption, tag_frequency
 from library.data.errors import DatasetError
@@ -127,10 +127,17 @@ class BucketedDataset:
         if len({info.has_cached_latents for info in members}) > 1:
             raise DatasetError(f"batch {index} mixes images with and without cached latents: "
                                "cache_latents must cover every image")
+        if len({info.has_cached_text_encoder_outputs for info in members}) > 1:
+            raise DatasetError(f"batch {index} mixes images with and without cached text encoder outputs: "
+                               "cache_text_encoder_outputs must cover every image")
         want_masks = any(info.subset.uses_masks for info in members)
         samples = [self._make_sample(info, (seed, position.epoch, self.index, index, pos), position, replacements)
                    for pos, info in enumerate(members)]
         cached = members[0].has_cached_latents
+        te_outputs = None
+        if members[0].has_cached_text_encoder_outputs:
+            te_outputs = te_cache.batch_outputs(members, [s.caption for s in samples],
+                                                where=f"{self.params.where or 'dataset'}, batch {index}")
         return {
             "images": None if cached else torch.stack([s.pixels for s in samples]),
             "latents": torch.stack([s.latents for s in samples]) if cached else None,
@@ -144,6 +151,7 @@ class BucketedDataset:
             "network_multipliers": torch.full((len(members),), float(self.params.network_multiplier)),
             "custom_attributes": [dict(info.subset.custom_attributes) for info in members],
             "image_keys": [info.image_key for info in members],
+            "text_encoder_outputs": te_outputs,
         }
 
     def _make_sample(self, info: ImageInfo, rng_key: tuple, position: TrainingPosition,
@@ -212,6 +220,16 @@ class BucketedDataset:
             mask = torch.flip(mask, dims=[1])
         return lat, mask
 
+    @staticmethod
+    def fixed_caption(info: ImageInfo, replacements: Mapping[str, str] | None = None) -> str:
+        """The caption :meth:`make_batch` gives ``info`` in every epoch, for a subset whose captions do not
+        vary (:meth:`text_encoder_uncacheable_reason` is None): what text-encoder output caching encodes.
+
+        No caption option draws from the generator then, so any seed gives the sampled caption.
+        """
+        return process_caption(info.caption, info.subset.caption_options(), random.Random(0), TrainingPosition(),
+                               replacements)
+
     def _face_crop(self, info: ImageInfo) -> bool:
         # Face crops apply without bucketing only (with buckets the bucket decides the framing).
         return info.face is not None and info.subset.face_crop_aug_range is not None and not self.params.enable_bucket
@@ -228,6 +246,14 @@ class BucketedDataset:
 
     def is_latent_cacheable(self) -> bool:
         return self.uncacheable_reason() is None
+
+    def text_encoder_uncacheable_reason(self) -> str | None:
+        """Why text-encoder outputs cannot be cached (captions vary per sample), naming the subset; or None."""
+        for subset in self.subsets:
+            reason = te_cache.uncacheable_reason(subset.params)
+            if reason:
+                return f"{subset.params.where}: {reason}"
+        return None
 
     def bucket_info(self) -> dict[str, Any]:
         """``{"buckets": {"0": {"resolution": [w, h], "count": n}, ...}, "mean_img_ar_error": e}``.

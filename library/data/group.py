@@ -11,11 +11,11 @@ from __future__ import annotations
 import bisect
 import logging
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from library.data import latent_cache
+from library.data import latent_cache, te_cache
 from library.data.captions import TrainingPosition
 from library.data.collate import FollowsTrainingProgress, TrainingProgress
 from library.data.errors import DatasetError
@@ -98,6 +98,15 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
                                    f"needs a multiple of {multiple}: set bucket_reso_steps (or --bucket_reso_steps) "
                                    f"to {multiple}")
 
+    def verify_text_encoder_outputs_cacheable(self) -> None:
+        """Raise a :class:`DatasetError` naming the subset whose captions vary per sample (shuffle,
+        tag/caption dropout, token warmup, wildcards): cached text-encoder outputs would freeze them."""
+        for ds in self.datasets:
+            reason = ds.text_encoder_uncacheable_reason()
+            if reason:
+                raise DatasetError(f"text encoder outputs cannot be cached: {reason} (the caption changes between "
+                                   "epochs): turn it off, or drop --cache_text_encoder_outputs")
+
     # ----------------------------------------------------------------------------- caching
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], *, vae_batch_size: int = 1,
                       to_disk: bool = False, skip_cache_check: bool = False, cache_suffix: str = "_sd",
@@ -125,6 +134,25 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
                                           vae_batch_size=vae_batch_size, to_disk=to_disk,
                                           skip_cache_check=skip_cache_check, cache_suffix=cache_suffix,
                                           process_index=process_index, num_processes=num_processes)
+
+    def cache_text_encoder_outputs(self, encode: Callable[[list[str]], Mapping[str, torch.Tensor]], *,
+                                   batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
+                                   suffix: str, expected_shapes: te_cache.Shapes | None = None,
+                                   process_index: int = 0, num_processes: int = 1) -> int:
+        """Encode every image's caption once (see ``te_cache.cache_text_encoder_outputs``); returns how
+        many captions were encoded.
+
+        ``encode(captions) -> {name: [B, ...]}``. The caption encoded is the one batches train on
+        (prefix/suffix and replacements applied), so replacements must be added before caching.
+        ``expected_shapes`` (per-sample shape by name) makes disk files of another shape stale.
+        Refused like :meth:`verify_text_encoder_outputs_cacheable` when captions vary.
+        """
+        self.verify_text_encoder_outputs_cacheable()
+        items = [(info, ds.fixed_caption(info, self.replacements)) for ds in self.datasets for info in ds.images]
+        return te_cache.cache_text_encoder_outputs(items, encode, batch_size=batch_size, to_disk=to_disk,
+                                                   skip_cache_check=skip_cache_check, suffix=suffix,
+                                                   expected_shapes=expected_shapes, process_index=process_index,
+                                                   num_processes=num_processes)
 
     # ---------------------------------------------------------------------------- reports
     def bucket_info(self) -> dict[str, Any]:

@@ -63,10 +63,19 @@ class ImageInfo:
     latents_flipped: torch.Tensor | None = None
     cached_alpha_mask: torch.Tensor | None = None
     latents_npz: Path | None = None
+    # Filled by text-encoder output caching (``te_cache``): named per-sample tensors in memory, or
+    # the npz read for every batch; and the caption they were encoded from (checked per batch).
+    text_encoder_outputs: dict[str, torch.Tensor] | None = None
+    text_encoder_outputs_npz: Path | None = None
+    text_encoder_caption: str | None = None
 
     @property
     def has_cached_latents(self) -> bool:
         return self.latents is not None or self.latents_npz is not None
+
+    @property
+    def has_cached_text_encoder_outputs(self) -> bool:
+        return self.text_encoder_outputs is not None or self.text_encoder_outputs_npz is not None
 
 
 @dataclass(frozen=True)
