@@ -1,9 +1,9 @@
-"""Generate images with Stable Diffusion 1.x/2.x.
+"""Generate images with Stable Diffusion 1.x/2.x and SDXL (``--sdxl``).
 
     python gen_img.py --ckpt model.safetensors --outdir outputs --prompt "a cat --n blurry --d 42" \
         --W 512 --H 512 --steps 30 --sampler euler_a
 
-Same flags as kohya-ss/sd-scripts' gen_img.py for SD 1.x/2.x; see docs/gen_img.md.
+Same flags as kohya-ss/sd-scripts' gen_img.py for SD 1.x/2.x and SDXL; see docs/gen_img.md.
 """
 
 from __future__ import annotations

@@ -328,6 +328,22 @@ def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
                         "the images' alpha channel)")
 
 
+def add_sdxl_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the SDXL scripts (kohya's ``add_sdxl_training_arguments``)."""
+    g = parser.add_argument_group("SDXL")
+    g.add_argument("--cache_text_encoder_outputs", action="store_true",
+                   help="encode every caption once with both text encoders and free them (needs "
+                        "--network_train_unet_only; no shuffle/dropout/warmup/wildcards of captions)")
+    g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
+                   help="cache text encoder outputs as <image stem>_te_outputs.npz (implies "
+                        "--cache_text_encoder_outputs)")
+    g.add_argument("--text_encoder_batch_size", type=int, default=None,
+                   help="captions per text-encoder call while caching (default: --train_batch_size)")
+    g.add_argument("--disable_mmap_load_safetensors", action="store_true",
+                   help="read .safetensors files into memory in one go instead of memory-mapping them "
+                        "(faster on WSL and network drives)")
+
+
 def setup_network_parser() -> argparse.ArgumentParser:
     """The parser of train_network.py (SD 1.x/2.x LoRA)."""
     parser = argparse.ArgumentParser(description="Train a LoRA (or another network module) for Stable Diffusion 1.x/2.x")
@@ -342,4 +358,12 @@ def setup_network_parser() -> argparse.ArgumentParser:
     add_noise_and_loss_arguments(parser)
     add_custom_train_arguments(parser)
     add_masked_loss_arguments(parser)
+    return parser
+
+
+def setup_sdxl_network_parser() -> argparse.ArgumentParser:
+    """The parser of sdxl_train_network.py: train_network.py's flags plus the SDXL ones."""
+    parser = setup_network_parser()
+    parser.description = "Train a LoRA (or another network module) for Stable Diffusion XL"
+    add_sdxl_training_arguments(parser)
     return parser

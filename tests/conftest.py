@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: tiny SD checkpoints written once per test session."""
+"""Shared pytest fixtures: tiny SD and SDXL checkpoints written once per test session."""
 
 from __future__ import annotations
 
@@ -35,3 +35,19 @@ def tiny_sd1_diffusers(tmp_path_factory) -> Path:
 def tiny_sd2_diffusers(tmp_path_factory) -> Path:
     """The tiny SD2 model (same weights as ``tiny_sd2_ckpt``) as a Diffusers folder (linear projections)."""
     return write_tiny_sd_diffusers(tmp_path_factory.mktemp("tiny_sd2_diffusers") / "model", v2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(tmp_path_factory) -> Path:
+    """A tiny SDXL base single file (.safetensors, fp32, SAI/SGM keys)."""
+    from library.demo.tiny_sdxl import write_tiny_sdxl_checkpoint
+
+    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl") / "tiny_sdxl.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_diffusers(tmp_path_factory) -> Path:
+    """The tiny SDXL model (same weights as ``tiny_sdxl_ckpt``) as a Diffusers folder."""
+    from library.demo.tiny_sdxl import write_tiny_sdxl_diffusers
+
+    return write_tiny_sdxl_diffusers(tmp_path_factory.mktemp("tiny_sdxl_diffusers") / "model")

@@ -52,6 +52,9 @@ class ModelFamily(abc.ABC):
     latent_cache_suffix: str = "_sd"
     #: default tracker name when ``--log_tracker_name`` is unset
     tracker_name: str = "network_train"
+    #: file-name suffix of the disk text-encoder output cache (``<stem><suffix>``); None: the family
+    #: cannot cache text-encoder outputs (``--cache_text_encoder_outputs`` is refused)
+    text_encoder_cache_suffix: str | None = None
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args: argparse.Namespace) -> None:
@@ -87,6 +90,20 @@ class ModelFamily(abc.ABC):
         the model-space latents) so the loss at fixed points is reproducible; given values are used
         as they are, with no RNG drawn for them.
         """
+
+    # --- text-encoder output caching (families with ``text_encoder_cache_suffix``) --------------
+    def text_encoder_outputs_to_cache(self, conditioning: Any) -> dict[str, torch.Tensor]:
+        """Split a batch's :meth:`encode_text` result into named per-sample tensors ``[B, ...]``.
+
+        The names are the keys of the disk cache file; values are stored as float32.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot cache text encoder outputs")
+
+    def conditioning_from_cache(self, models: FamilyModels, cached: dict[str, torch.Tensor], args: argparse.Namespace,
+                                device: torch.device, dtype: torch.dtype) -> Any:
+        """The inverse of :meth:`text_encoder_outputs_to_cache`: batched cached tensors -> what
+        :meth:`predict` takes as ``conditioning``, on ``device`` in ``dtype``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot cache text encoder outputs")
 
     # --- output --------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""``gen_img.py`` command line: kohya-compatible flag names and defaults (SD 1.x/2.x part).
+"""``gen_img.py`` command line: kohya-compatible flag names and defaults (SD 1.x/2.x, SDXL).
 
 Importing this module is cheap (argparse only), so ``--help`` and flag errors are instant.
 Flags of the reference that are not implemented yet are deliberately absent (argparse rejects
@@ -19,16 +19,21 @@ SAMPLER_CHOICES = (
 )
 
 
+SDXL_SIZE_FLAGS = ("original_width", "original_height", "original_width_negative", "original_height_negative",
+                   "crop_top", "crop_left")
+
+
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gen_img.py",
-        description="Generate images with Stable Diffusion 1.x/2.x (txt2img, img2img, inpaint, hires fix, LoRA, "
-                    "textual inversion). See docs/gen_img.md.",
+        description="Generate images with Stable Diffusion 1.x/2.x or SDXL (txt2img, img2img, inpaint, hires fix, "
+                    "LoRA, textual inversion). See docs/gen_img.md.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", type=str, default=None, help="model: .safetensors/.ckpt single file or Diffusers folder")
     m.add_argument("--v1", action="store_true", help="SD 1.x model (the default)")
     m.add_argument("--v2", action="store_true", help="SD 2.x model")
+    m.add_argument("--sdxl", action="store_true", help="SDXL base model")
     m.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD 2.x 768-v models)")
     m.add_argument("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR")
     m.add_argument("--vae", type=str, default=None, help="replace the model's VAE (single file or Diffusers folder)")
@@ -57,13 +62,24 @@ def setup_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=None, help="seed; per-image seeds are derived from it")
     o.add_argument("--iter_same_seed", action="store_true", help="use the same seeds in every --n_iter iteration")
     o.add_argument("--shuffle_prompts", action="store_true", help="shuffle the prompt order in each iteration")
-    o.add_argument("--clip_skip", type=int, default=None, help="use the output of the k-th text encoder layer from the end")
+    o.add_argument("--clip_skip", type=int, default=None,
+                   help="use the output of the k-th text encoder layer from the end (default: 1; SDXL: always 2)")
     o.add_argument("--max_embeddings_multiples", type=int, default=None,
                    help="longest prompt in 75-token chunks (default: 1, i.e. 75 tokens; the rest is cut)")
     o.add_argument("--emb_normalize_mode", type=str, default="original", choices=("original", "abs", "none"),
                    help="how weighted embeddings are renormalized (default: original)")
     o.add_argument("--sequential_file_name", action="store_true", help="name outputs im_000001.png, im_000002.png, ...")
     o.add_argument("--use_original_file_name", action="store_true", help="img2img: name outputs like their input image")
+
+    x = p.add_argument_group("SDXL size conditioning (in a prompt: --ow --oh --nw --nh --ct --cl)")
+    x.add_argument("--original_width", type=int, default=None, help="original width (default: the image width)")
+    x.add_argument("--original_height", type=int, default=None, help="original height (default: the image height)")
+    x.add_argument("--original_width_negative", type=int, default=None,
+                   help="original width for the negative prompt (default: --original_width)")
+    x.add_argument("--original_height_negative", type=int, default=None,
+                   help="original height for the negative prompt (default: --original_height)")
+    x.add_argument("--crop_top", type=int, default=None, help="crop top (default: 0)")
+    x.add_argument("--crop_left", type=int, default=None, help="crop left (default: 0)")
 
     n = p.add_argument_group("networks and embeddings")
     n.add_argument("--network_module", type=str, default=None, nargs="*", help="network module per network (networks.lora)")
@@ -100,9 +116,18 @@ def setup_parser() -> argparse.ArgumentParser:
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible flag combinations with a message naming the flags (``parser.error`` exits 2)."""
     if args.ckpt is None:
-        parser.error("--ckpt is required: a .safetensors/.ckpt SD 1.x/2.x model file or a Diffusers folder")
+        parser.error("--ckpt is required: a .safetensors/.ckpt SD 1.x/2.x/SDXL model file or a Diffusers folder")
     if args.v1 and args.v2:
         parser.error("--v1 and --v2 exclude each other (SD 1.x is the default; add --v2 for SD 2.x only)")
+    if args.sdxl and (args.v1 or args.v2):
+        parser.error(f"--sdxl and --{'v1' if args.v1 else 'v2'} exclude each other: give --sdxl alone for an SDXL "
+                     "model")
+    size_flags = [f for f in SDXL_SIZE_FLAGS if getattr(args, f) is not None]
+    if size_flags and not args.sdxl:
+        parser.error(f"--{size_flags[0]} is SDXL size conditioning: add --sdxl (SDXL model) or drop it")
+    for flag in size_flags:
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be at least 0, got {getattr(args, flag)}")
     if args.fp16 and args.bf16:
         parser.error("--fp16 and --bf16 exclude each other: pick one")
     sources = [f for f in ("prompt", "from_file", "interactive") if getattr(args, f)]

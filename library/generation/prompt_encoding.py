@@ -68,22 +68,17 @@ def tokens_and_weights(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple
     return ids, weights
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel, prompts: list[str], *,
-                   max_embeddings_multiples: int | None = None, clip_skip: int | None = None,
-                   emb_normalize_mode: str = "original") -> torch.Tensor:
-    """Conditioning ``[B, 75 * n + 2, D]`` for ``prompts`` (already expanded: no ``{...}`` groups).
+def weighted_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+                        max_embeddings_multiples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked token ids ``[B, n, 77]`` and per-token weights ``[B, 75 * n + 2]`` of ``prompts``.
 
-    ``n`` is the number of 75-token chunks the longest prompt needs, at most
-    ``max_embeddings_multiples`` (``None``: 1). The rules are in the module docstring. Raises
-    ``ValueError`` for an empty ``prompts`` list, ``max_embeddings_multiples < 1`` or an unknown
-    ``emb_normalize_mode``. The result is on the text encoder's device, in its output dtype, computed
-    without gradients.
+    The tokenisation half of :func:`encode_prompts` (rules in the module docstring), for families
+    that encode the ids with more than one text encoder (SDXL): every tokenizer of the same
+    vocabulary gives the same text ids and weights, only the padding ids differ.
     """
     global _warned_truncation
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    if emb_normalize_mode not in EMB_NORMALIZE_MODES:
-        raise ValueError(f"emb_normalize_mode must be one of {EMB_NORMALIZE_MODES}, got {emb_normalize_mode!r}")
     max_chunks = 1 if max_embeddings_multiples is None else int(max_embeddings_multiples)
     if max_chunks < 1:
         raise ValueError(f"max_embeddings_multiples must be at least 1, got {max_embeddings_multiples}")
@@ -107,7 +102,23 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextMod
         flat_ids[row, 1 + len(ids)] = tokenizer.eos_token_id
         flat_weights[row, 1:1 + len(ids)] = torch.tensor(weights, dtype=torch.float32)
     # The same chunk layout as training's text.tokenize (SD2: EOS/pad end tokens per chunk).
-    chunks = text.split_chunks(flat_ids, tokenizer, n)
+    return text.split_chunks(flat_ids, tokenizer, n), flat_weights
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel, prompts: list[str], *,
+                   max_embeddings_multiples: int | None = None, clip_skip: int | None = None,
+                   emb_normalize_mode: str = "original") -> torch.Tensor:
+    """Conditioning ``[B, 75 * n + 2, D]`` for ``prompts`` (already expanded: no ``{...}`` groups).
+
+    ``n`` is the number of 75-token chunks the longest prompt needs, at most
+    ``max_embeddings_multiples`` (``None``: 1). The rules are in the module docstring. Raises
+    ``ValueError`` for an empty ``prompts`` list, ``max_embeddings_multiples < 1`` or an unknown
+    ``emb_normalize_mode``. The result is on the text encoder's device, in its output dtype, computed
+    without gradients.
+    """
+    if emb_normalize_mode not in EMB_NORMALIZE_MODES:
+        raise ValueError(f"emb_normalize_mode must be one of {EMB_NORMALIZE_MODES}, got {emb_normalize_mode!r}")
+    chunks, flat_weights = weighted_prompt_ids(tokenizer, prompts, max_embeddings_multiples=max_embeddings_multiples)
     with torch.no_grad():
         hidden = text.encode(text_encoder, chunks, clip_skip=clip_skip)
     return apply_token_weights(hidden, flat_weights, emb_normalize_mode)

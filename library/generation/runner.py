@@ -1,10 +1,12 @@
-"""The ``gen_img.py`` generation loop (SD 1.x/2.x): prompts -> image jobs -> batches -> PNG files.
+"""The ``gen_img.py`` generation loop (SD 1.x/2.x, SDXL): prompts -> image jobs -> batches -> PNG files.
 
-Flow: :func:`run` loads the model (``load_sd_models``), textual inversion embeddings, networks;
-then, per ``--n_iter`` iteration, every prompt line is parsed (:func:`parse_gen_line`: in-prompt
-options ``--n --w --h --s --d --l --nl --t --am --f``), its dynamic prompt expanded (one line may
-enumerate several prompts), turned into ``--images_per_prompt`` :class:`ImageJob` s, and the jobs
-are denoised ``--batch_size`` at a time (:class:`SDGenerator`) when their settings agree.
+Flow: :func:`run` loads the model (:func:`load_generator`: :class:`SDGenerator`, or with ``--sdxl``
+:class:`library.generation.sdxl.SDXLGenerator`), textual inversion embeddings, networks; then, per
+``--n_iter`` iteration, every prompt line is parsed (:func:`parse_gen_line`: in-prompt options
+``--n --w --h --s --d --l --nl --t --am --f`` and SDXL's ``--ow --oh --nw --nh --ct --cl``), its
+dynamic prompt expanded (one line may enumerate several prompts), turned into
+``--images_per_prompt`` :class:`ImageJob` s, and the jobs are denoised ``--batch_size`` at a time
+when their settings agree.
 
 Seeds (:class:`SeedSource`): with ``--seed S`` the images' seeds are the successive draws
 ``random.Random(S).randrange(2**32)``, one per image in generation order (an image whose seed comes
@@ -17,7 +19,7 @@ Noise: each image's noise is drawn from its own CPU ``torch.Generator`` seeded w
 initial noise, then the ancestral samplers' per-step noise, then the hires-fix second pass), so an
 image depends only on its seed and settings, not on its batch or position, and is bit-identical on
 CPU for the same arguments. This goes through the shared ``sample_latents`` loop with a scheduler
-proxy (:class:`_SeededScheduler`) that supplies the per-image noise.
+proxy (:class:`~library.generation.seeded_scheduler.SeededScheduler`) that supplies the per-image noise.
 
 Inpainting (``--mask_path``) is latent blending: after every denoising step the region to keep
 (mask 0) is replaced by the init latents noised to the level of the next step (with the image's
@@ -34,7 +36,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,7 @@ from library.generation.images import (
     save_image,
 )
 from library.generation.networks import LoadedNetworks, NetworkError, load_networks
+from library.generation.seeded_scheduler import SeededScheduler
 from library.generation.textual_inversion import EmbeddingError, Embeddings, load_embeddings
 from library.sampling.pipeline import Conditioning, LatentDiffusionSampler, latents_to_images, sample_latents
 from library.sampling.prompts import (
@@ -65,6 +68,7 @@ from library.sampling.prompts import (
 from library.sampling.schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
+_warned_size_options = False
 
 __all__ = ["GEN_IMG_OPTIONS", "GenerationError", "ImageJob", "SDGenerator", "SeedSource", "parse_gen_line", "run"]
 
@@ -116,6 +120,18 @@ def _file_name(value: Any) -> str:
     return name
 
 
+def _pixels(value: Any) -> int:
+    size = int(str(value).strip())
+    if size < 0:
+        raise ValueError("expected a size in pixels, at least 0")
+    return size
+
+
+#: SDXL size/crop conditioning: in-prompt flag -> key (the command-line flag of the same name gives the default).
+SIZE_CONDITIONING_OPTIONS = {"ow": "original_width", "oh": "original_height", "nw": "original_width_negative",
+                             "nh": "original_height_negative", "ct": "crop_top", "cl": "crop_left"}
+
+
 #: In-prompt options of gen_img (`` --x value`` after the prompt).
 GEN_IMG_OPTIONS: dict[str, PromptOption] = {
     **{k: SAMPLE_PROMPT_OPTIONS[k] for k in ("n", "w", "h", "s", "l")},
@@ -124,6 +140,8 @@ GEN_IMG_OPTIONS: dict[str, PromptOption] = {
     "t": PromptOption("t", "strength", _strength, "img2img strength 0..1"),
     "am": PromptOption("am", "multipliers", _float_list, "network multipliers, comma-separated, one per network"),
     "f": PromptOption("f", "file_name", _file_name, "output file name"),
+    **{flag: PromptOption(flag, key, _pixels, f"SDXL {key.replace('_', ' ')}")
+       for flag, key in SIZE_CONDITIONING_OPTIONS.items()},
 }
 
 
@@ -151,6 +169,7 @@ class ImageJob:
     multipliers: tuple[float, ...] | None = None
     file_name: str | None = None
     init: InitImage | None = None
+    size_options: tuple[tuple[str, int], ...] = ()  # SDXL size/crop conditioning given (prompt or flags)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can be denoised in one batch."""
@@ -199,6 +218,8 @@ def jobs_for_prompt(parsed: SamplePrompt, args, *, seeds: SeedSource, rng: rando
     if init is not None:  # img2img: the init image's size (floored to a multiple of 8)
         width, height = max(8, init.image.width // 8 * 8), max(8, init.image.height // 8 * 8)
     given_seeds = list(extras.get("seeds", ()))
+    sizes = ((key, extras.get(key, getattr(args, key, None))) for key in SIZE_CONDITIONING_OPTIONS.values())
+    size_options = tuple((key, value) for key, value in sizes if value is not None)
     jobs = []
     for prompt in prompts:
         for k in range(args.images_per_prompt):
@@ -207,7 +228,7 @@ def jobs_for_prompt(parsed: SamplePrompt, args, *, seeds: SeedSource, rng: rando
             jobs.append(ImageJob(prompt=prompt, negative_prompt=negative, width=width, height=height,
                                  steps=parsed.steps, scale=parsed.scale, negative_scale=nscale, seed=seed,
                                  strength=strength, sampler=args.sampler, multipliers=extras.get("multipliers"),
-                                 file_name=extras.get("file_name"), init=init))
+                                 file_name=extras.get("file_name"), init=init, size_options=size_options))
     return jobs
 
 
@@ -225,68 +246,6 @@ def batches(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[list[ImageJob
 
 # --- denoising ------------------------------------------------------------------------------
 
-class _SeededScheduler:
-    """A scheduler proxy for ``sample_latents``: per-image noise and inpainting blend.
-
-    ``add_noise`` uses the images' own ``noise`` (txt2img: ``noise * init_noise_sigma``, reached
-    through the img2img path with strength 1); ``step`` gets the images' own generators (ancestral
-    samplers) and, with a ``mask``, blends the kept region back after each step.
-    """
-
-    def __init__(self, inner, noise: torch.Tensor, generators: list[torch.Generator], *, txt2img: bool,
-                 init: torch.Tensor | None = None, mask: torch.Tensor | None = None, steps: int = 0,
-                 strength: float = 1.0) -> None:
-        self._inner = inner
-        self._noise = noise
-        self._generators = generators
-        self._txt2img = txt2img
-        self._init = init
-        self._mask = mask
-        self._steps = steps
-        self._strength = strength
-        self._calls = 0
-        inner_step = inner.step
-
-        def step(model_output, timestep, sample, *a, **kw):
-            if "generator" in kw:
-                kw["generator"] = self._generators
-            out = inner_step(model_output, timestep, sample, *a, **kw)
-            if self._mask is None:
-                return out
-            self._calls += 1
-            latents = out[0] if isinstance(out, tuple) else out.prev_sample
-            blended = self._blend(latents)
-            if isinstance(out, tuple):
-                return (blended, *out[1:])
-            out.prev_sample = blended
-            return out
-
-        step.__wrapped__ = inner_step  # inspect.signature(step) shows the real parameters (generator)
-        self.step = step
-
-    def __getattr__(self, name: str):
-        return getattr(self._inner, name)
-
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        own = self._noise.to(original.device, torch.float32)
-        if self._txt2img:
-            return own * self._inner.init_noise_sigma
-        return self._inner.add_noise(original, own, timesteps)
-
-    def _blend(self, latents: torch.Tensor) -> torch.Tensor:
-        inner = self._inner
-        kept = min(int(self._steps * self._strength), self._steps)
-        tail = inner.timesteps[(self._steps - kept) * inner.order:]
-        init = self._init.to(latents.device, torch.float32)
-        if self._calls >= len(tail):
-            reference = init
-        else:
-            t = tail[self._calls : self._calls + 1].repeat(latents.shape[0])
-            reference = inner.add_noise(init, self._noise.to(latents.device, torch.float32), t)
-        mask = self._mask.to(latents.device, latents.dtype)
-        return mask * latents + (1.0 - mask) * reference.to(latents.dtype)
-
-
 @dataclass
 class GeneratedImage:
     job: ImageJob
@@ -294,8 +253,39 @@ class GeneratedImage:
     first_pass: Any = None
 
 
+class ModelParts(NamedTuple):
+    """A loaded model; SDXL's ``text_encoder``/``tokenizer`` are lists (``[CLIP-L, bigG]``), as networks take them."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+
+
+#: The pass a conditioning is for: (width, height, scale) of a hires-fix first pass; None = the jobs' own size.
+PassSize = tuple[int, int, float] | None
+
+
+def _rows(cond: Conditioning, start: int, stop: int) -> Conditioning:
+    """Batch rows ``start:stop`` of every tensor in ``cond``."""
+    def cut(tree):
+        if isinstance(tree, torch.Tensor):
+            return tree[start:stop]
+        return {k: cut(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    return Conditioning(cond.hidden_states[start:stop], cut(cond.unet_kwargs))
+
+
 class SDGenerator:
-    """Turns batches of :class:`ImageJob` into images with one loaded SD 1.x/2.x model."""
+    """Turns batches of :class:`ImageJob` into images with one loaded SD 1.x/2.x model.
+
+    Other families subclass it and override :meth:`load_models`, :meth:`encode_texts`,
+    :meth:`_image_conditioning` (conditioning beyond the text), :meth:`png_fields`,
+    ``latent_scale`` and ``embedding_keys``.
+    """
+
+    latent_scale = LATENT_SCALE
+    embedding_keys: tuple[str, ...] | None = None  # textual inversion file keys, one per text encoder (None: SD's)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, args, *, device: torch.device, dtype: torch.dtype,
                  networks: LoadedNetworks | None = None, embeddings: Embeddings | None = None) -> None:
@@ -304,47 +294,80 @@ class SDGenerator:
         self.device, self.dtype = device, dtype
         self.networks = networks or LoadedNetworks()
         self.embeddings = embeddings or Embeddings()
+        self._text_cache: tuple[tuple[str, ...], Conditioning] | None = None
         _, self._encode_prompts = _prompt_syntax()
-        self.sampler = LatentDiffusionSampler(unet, vae, self.encode_texts, latent_scale=LATENT_SCALE)
+        self.sampler = LatentDiffusionSampler(unet, vae, self.encode_texts, latent_scale=self.latent_scale)
+
+    @classmethod
+    def load_models(cls, args) -> ModelParts:
+        """The models of ``--ckpt`` in float32 on the CPU (raises the loader's errors)."""
+        from library.families.sd.loading import load_sd_models
+
+        m = load_sd_models(args.ckpt, v2=args.v2, vae_path=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                           keep_extras=False)
+        return ModelParts(m.unet, m.vae, m.text_encoder, m.tokenizer)
 
     # text
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def encode_texts(self, texts: list[str]) -> torch.Tensor | Conditioning:
         texts = [self.embeddings.expand(t) for t in texts]
         return self._encode_prompts(self.tokenizer, self.text_encoder, texts,
                                     max_embeddings_multiples=self.args.max_embeddings_multiples,
                                     clip_skip=self.args.clip_skip, emb_normalize_mode=self.args.emb_normalize_mode)
 
-    def _conditioning(self, jobs: Sequence[ImageJob]):
+    def _encode(self, texts: list[str], jobs: Sequence[ImageJob], negative: Sequence[bool],
+                size: PassSize) -> Conditioning:
+        """Conditioning rows for ``texts``; row i is ``jobs[i]``'s image, a negative/uncond row when
+        ``negative[i]``. The text part is encoded once for both hires-fix passes."""
+        key = tuple(texts)
+        if self._text_cache is None or self._text_cache[0] != key:
+            cond = Conditioning.coerce(self.encode_texts(texts)).to(self.device, self.dtype)
+            self._text_cache = (key, cond)
+        return self._image_conditioning(self._text_cache[1], jobs, negative, size)
+
+    def _image_conditioning(self, cond: Conditioning, jobs: Sequence[ImageJob], negative: Sequence[bool],
+                            size: PassSize) -> Conditioning:
+        """Per-image conditioning beyond the text (SDXL's size ids); SD has none."""
+        global _warned_size_options
+        if any(j.size_options for j in jobs) and not _warned_size_options:
+            logger.warning("--ow/--oh/--nw/--nh/--ct/--cl are SDXL size conditioning: ignored for SD 1.x/2.x "
+                           "(add --sdxl for an SDXL model)")
+            _warned_size_options = True
+        return cond
+
+    def png_fields(self, job: ImageJob) -> dict[str, Any]:
+        """Extra PNG text chunks of an image (SDXL: its size conditioning)."""
+        return {}
+
+    def _conditioning(self, jobs: Sequence[ImageJob], size: PassSize = None):
         """(cond, uncond, model_fn, guidance_scale) for ``sample_latents``; one text-encoder call."""
-        j0, b = jobs[0], len(jobs)
+        j0, b, jobs = jobs[0], len(jobs), list(jobs)
         prompts = [j.prompt for j in jobs]
         negatives = [j.negative_prompt for j in jobs]
         model_fn = self.sampler.model_fn
         if j0.negative_scale is not None:
             # uncond = empty prompt; the negative prompt gets its own scale:
             # pred = u + scale * (cond - u) - negative_scale * (neg - u)
-            emb = self.encode_texts([""] * b + negatives + prompts).to(self.device, self.dtype)
+            cond = self._encode([""] * b + negatives + prompts, jobs * 3, [True] * 2 * b + [False] * b, size)
             scale, nscale = j0.scale, j0.negative_scale
 
             def guided(x, t, cond):
                 u, n, c = model_fn(torch.cat([x, x, x]), t, cond).float().chunk(3)
                 return u + scale * (c - u) - nscale * (n - u)
 
-            return Conditioning(emb), None, guided, 1.0
+            return cond, None, guided, 1.0
         if j0.scale != 1.0:
-            emb = self.encode_texts(negatives + prompts).to(self.device, self.dtype)
-            return Conditioning(emb[b:]), Conditioning(emb[:b]), model_fn, j0.scale
-        emb = self.encode_texts(prompts).to(self.device, self.dtype)
-        return Conditioning(emb), None, model_fn, 1.0
+            both = self._encode(negatives + prompts, jobs * 2, [True] * b + [False] * b, size)
+            return _rows(both, b, 2 * b), _rows(both, 0, b), model_fn, j0.scale
+        return self._encode(prompts, jobs, [False] * b, size), None, model_fn, 1.0
 
     # latents
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B,3,H,W] in [-1,1] -> model-space latents (VAE posterior mean x scale), float32."""
         p = next(self.vae.parameters())
-        return self.vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float() * LATENT_SCALE
+        return self.vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean.float() * self.latent_scale
 
     def decode(self, latents: torch.Tensor) -> list:
-        return latents_to_images(self.vae, latents, latent_scale=LATENT_SCALE)
+        return latents_to_images(self.vae, latents, latent_scale=self.latent_scale)
 
     def _denoise(self, jobs, conditioning, generators, *, width: int, height: int, steps: int,
                  init: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None):
@@ -354,8 +377,8 @@ class SDGenerator:
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
         scheduler = make_scheduler(jobs[0].sampler, v_parameterization=self.args.v_parameterization,
                                    zero_terminal_snr=self.args.zero_terminal_snr)
-        proxy = _SeededScheduler(scheduler, noise, generators, txt2img=init is None, init=init, mask=mask,
-                                 steps=steps, strength=strength)
+        proxy = SeededScheduler(scheduler, noise, generators, txt2img=init is None, init=init, mask=mask,
+                                steps=steps, strength=strength)
         start = init if init is not None else torch.zeros(shape)
         return sample_latents(model_fn, proxy, shape=shape, steps=steps, cond=cond, uncond=uncond,
                               guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
@@ -367,6 +390,7 @@ class SDGenerator:
         """Generate a batch of jobs with equal :meth:`ImageJob.batch_key`."""
         j0 = jobs[0]
         self.networks.set_multipliers(j0.multipliers)
+        self._text_cache = None  # the multipliers may change the text encoders
         conditioning = self._conditioning(jobs)
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
         w, h = j0.width, j0.height
@@ -382,8 +406,8 @@ class SDGenerator:
                                     strength=j0.strength, mask=mask)
         elif self.args.highres_fix_scale:
             w1, h1 = first_pass_size(w, h, self.args.highres_fix_scale)
-            low = self._denoise(jobs, conditioning, generators, width=w1, height=h1,
-                                steps=self.args.highres_fix_steps)
+            low = self._denoise(jobs, self._conditioning(jobs, (w1, h1, self.args.highres_fix_scale)), generators,
+                                width=w1, height=h1, steps=self.args.highres_fix_steps)
             if self.args.highres_fix_save_1st or not self.args.highres_fix_latents_upscaling:
                 first = self.decode(low)
             f = self.sampler.vae_scale_factor
@@ -432,28 +456,34 @@ def _dtype(args) -> torch.dtype:
 
 
 def load_generator(args, device: torch.device | None = None) -> SDGenerator:
-    """Load the model, embeddings and networks named by ``args`` into an :class:`SDGenerator`."""
+    """Load the model, embeddings and networks named by ``args`` into a generator: the one place
+    that picks the model family (:class:`SDGenerator`, or ``SDXLGenerator`` with ``--sdxl``)."""
     from library.families.sd.checkpoint import CheckpointError
-    from library.families.sd.loading import load_sd_models
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(args)
     if not Path(args.ckpt).exists():
         raise GenerationError(f"--ckpt {args.ckpt}: not found (a local .safetensors/.ckpt file or Diffusers folder; "
                               "nothing is downloaded)")
+    if args.sdxl:
+        from library.generation.sdxl import SDXLGenerator as cls
+    else:
+        cls = SDGenerator
     try:
-        models = load_sd_models(args.ckpt, v2=args.v2, vae_path=args.vae, tokenizer_cache_dir=args.tokenizer_cache_dir,
-                                keep_extras=False)
+        models = cls.load_models(args)
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
-        raise GenerationError(f"--ckpt {args.ckpt}: {e}") from None
-    unet, vae, te, tok = models.unet, models.vae, models.text_encoder, models.tokenizer
+        from library.generation.sdxl import family_mismatch
+
+        raise GenerationError(family_mismatch(args.ckpt, sdxl=args.sdxl) or f"--ckpt {args.ckpt}: {e}") from None
+    unet, vae, te, tok = models
     try:
-        embeddings = load_embeddings(args.textual_inversion_embeddings or [], tok, te)
+        embeddings = load_embeddings(args.textual_inversion_embeddings or [], tok, te, keys=cls.embedding_keys)
         networks = load_networks(args, text_encoder=te, unet=unet, vae=vae)
     except (EmbeddingError, NetworkError) as e:
         raise GenerationError(str(e)) from None
     vae_dtype = torch.float32 if args.no_half_vae else dtype
-    for module, dt in ((unet, dtype), (te, dtype), (vae, vae_dtype)):
+    encoders = te if isinstance(te, list) else [te]
+    for module, dt in ((unet, dtype), *((e, dtype) for e in encoders), (vae, vae_dtype)):
         module.to(device=device)
         if dt != torch.float32:
             module.to(dtype=dt)
@@ -465,7 +495,7 @@ def load_generator(args, device: torch.device | None = None) -> SDGenerator:
                                   "--xformers: PyTorch SDPA attention is used by default")
         unet.enable_xformers_memory_efficient_attention()
         vae.enable_xformers_memory_efficient_attention()
-    return SDGenerator(unet, vae, te, tok, args, device=device, dtype=dtype, networks=networks, embeddings=embeddings)
+    return cls(unet, vae, te, tok, args, device=device, dtype=dtype, networks=networks, embeddings=embeddings)
 
 
 def run(args, generator: SDGenerator | None = None) -> list[Path]:
@@ -509,7 +539,7 @@ def _run(args, generator: SDGenerator | None) -> list[Path]:
     def process(jobs: list[ImageJob], bar) -> None:
         for batch in batches(jobs, args.batch_size):
             for out in generator.generate(batch):
-                written.extend(_write(out, namer))
+                written.extend(_write(out, namer, generator.png_fields(out.job)))
             bar.update(len(batch))
 
     if interactive:
@@ -543,10 +573,10 @@ def _run(args, generator: SDGenerator | None) -> list[Path]:
     return written
 
 
-def _write(out: GeneratedImage, namer: OutputNamer) -> list[Path]:
+def _write(out: GeneratedImage, namer: OutputNamer, extra: dict[str, Any]) -> list[Path]:
     job = out.job
     text = png_text_fields(prompt=job.prompt, seed=job.seed, sampler=job.sampler, steps=job.steps, scale=job.scale,
-                           negative_prompt=job.negative_prompt, negative_scale=job.negative_scale)
+                           negative_prompt=job.negative_prompt, negative_scale=job.negative_scale, extra=extra)
     original = job.init.path if job.init is not None else None
     paths = []
     if out.first_pass is not None:

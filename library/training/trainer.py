@@ -1,7 +1,8 @@
 """NetworkTrainer: the training loop of every network (LoRA, ...) trainer, written once.
 
 Read top to bottom, :meth:`NetworkTrainer.train` is the recipe: check flags, set up accelerate,
-load the family's models, build the data, cache latents, create the network, build the optimizer,
+load the family's models, build the data, cache latents (and text-encoder outputs), create the
+network, build the optimizer,
 then loop over epochs and steps, saving and sampling on schedule. Everything that depends on the
 model family goes through ``self.family`` (:class:`library.families.base.ModelFamily`); everything
 that depends on the network goes through the kohya plug-in API of ``--network_module``.
@@ -68,6 +69,18 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def caches_text_encoder_outputs(args) -> bool:
+    """``--cache_text_encoder_outputs`` (or ``_to_disk``); absent from parsers without the flags."""
+    return bool(getattr(args, "cache_text_encoder_outputs", False)
+                or getattr(args, "cache_text_encoder_outputs_to_disk", False))
+
+
+def _rng_devices(accelerator) -> list:
+    """The CUDA devices whose random state :func:`torch.random.fork_rng` must save (none on CPU)."""
+    device = accelerator.device
+    return [device] if getattr(device, "type", None) == "cuda" else []
+
+
 def _place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
     """Move a model; cast only when the dtype really changes (diffusers warns on every cast)."""
     model.to(device)
@@ -88,6 +101,10 @@ class NetworkTrainer:
         setup_logging(args)
         validate_training_args(args)
         self.family.validate_args(args)
+        cache_te = caches_text_encoder_outputs(args)
+        if cache_te and self.family.text_encoder_cache_suffix is None:
+            raise ArgumentError(f"--cache_text_encoder_outputs: this model family ({type(self.family).__name__}) "
+                                "cannot cache text encoder outputs; drop --cache_text_encoder_outputs(_to_disk)")
         optimizer_choice = choose_optimizer(args)  # a missing optimizer package fails before any loading
         self.loss_config = LossConfig.from_args(args)
         if args.seed is None:
@@ -102,7 +119,9 @@ class NetworkTrainer:
 
         from library.dataset_config import build_dataset_group  # data stack only when training
 
-        train_group, val_group = build_dataset_group(args, tokenize=self.family.make_tokenize_fn(models, args),
+        tokenize = self.family.make_tokenize_fn(models, args)
+        # With cached text-encoder outputs the batches need no token ids: the workers do not tokenize.
+        train_group, val_group = build_dataset_group(args, tokenize=None if cache_te else tokenize,
                                                      latents_stride=self.family.latents_stride)
         if args.debug_dataset:
             from library.data.dataset import debug_dataset
@@ -111,18 +130,24 @@ class NetworkTrainer:
             return
         if len(train_group) == 0:
             raise ArgumentError("the dataset has no batches: check image folders and num_repeats")
-        if args.cache_latents:
-            self.cache_latents(args, models, train_group, accelerator)
-            if val_group is not None:
-                self.cache_latents(args, models, val_group, accelerator)
+        groups = [g for g in (train_group, val_group) if g is not None]
+        if cache_te:  # before any caching: a subset that shuffles captions fails now, not after the VAE pass
+            self.verify_text_encoder_caching(groups)
+        # Caching draws random numbers (the VAE posterior sample) only when a cache is (re)built; the
+        # training's random stream must not depend on whether the files already existed.
+        with torch.random.fork_rng(devices=_rng_devices(accelerator)):
+            if args.cache_latents:
+                for group in groups:
+                    self.cache_latents(args, models, group, accelerator)
+            if cache_te:
+                self.cache_text_encoder_outputs(args, models, tokenize, groups, accelerator, weight_dtype)
 
         network, network_args = self.create_network(args, models)
         train_unet = not args.network_train_text_encoder_only
         train_te = not args.network_train_unet_only
         self.prepare_models_for_training(args, models, network, accelerator, weight_dtype, train_te)
 
-        te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
-        params = network.prepare_optimizer_params(te_lr, args.unet_lr if train_unet else 0, args.learning_rate)
+        params = self.optimizer_params(args, network, train_unet)
         # The plug-in API allows either the groups alone or (groups, names of the groups).
         params, self.lr_names = params if isinstance(params, tuple) else (params, None)
         optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
@@ -173,6 +198,48 @@ class NetworkTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    @staticmethod
+    def verify_text_encoder_caching(groups: list) -> None:
+        """Refuse datasets whose captions vary (DatasetError naming the subset) or that cannot cache."""
+        for group in groups:
+            if not hasattr(group, "cache_text_encoder_outputs"):
+                raise ArgumentError(f"--cache_text_encoder_outputs: {type(group).__name__} (--dataset_class) does "
+                                    "not support caching text encoder outputs; drop the flag")
+            group.verify_text_encoder_outputs_cacheable()
+
+    def cache_text_encoder_outputs(self, args, models: FamilyModels, tokenize, groups: list, accelerator,
+                                   weight_dtype: torch.dtype) -> None:
+        """Encode every caption once (in the dtype training would encode in), then move the text
+        encoders off the device: with the outputs cached they are needed again only for sample images."""
+        from library.data import te_cache
+
+        for te in models.text_encoders:
+            _place(te, accelerator.device, weight_dtype)
+
+        def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+            batch = {"captions": captions}
+            if tokenize is not None:
+                batch["input_ids"] = tokenize(captions)
+            with torch.no_grad(), accelerator.autocast():
+                return self.family.text_encoder_outputs_to_cache(self.family.encode_text(models, batch, args))
+
+        to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
+        options = dict(batch_size=getattr(args, "text_encoder_batch_size", None) or args.train_batch_size,
+                       to_disk=to_disk, skip_cache_check=args.skip_cache_check,
+                       suffix=self.family.text_encoder_cache_suffix, expected_shapes=te_cache.probe_shapes(encode))
+        for group in groups:
+            if to_disk and accelerator.num_processes > 1:  # each process writes its share of the files
+                group.cache_text_encoder_outputs(encode, process_index=accelerator.process_index,
+                                                 num_processes=accelerator.num_processes, **options)
+                accelerator.wait_for_everyone()
+            encoded = group.cache_text_encoder_outputs(encode, **options)
+            logger.info("text encoder outputs cached (%s): %d caption(s) encoded now",
+                        "on disk" if to_disk else "in memory", encoded)
+        for te in models.text_encoders:
+            te.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def create_network(self, args, models: FamilyModels):
         try:
             module = importlib.import_module(args.network_module or "networks.lora")
@@ -210,8 +277,10 @@ class NetworkTrainer:
             model.requires_grad_(False)
         models.vae.requires_grad_(False)
         models.vae.eval()
-        for model in [models.denoiser, *models.text_encoders]:
-            _place(model, accelerator.device, weight_dtype)
+        _place(models.denoiser, accelerator.device, weight_dtype)
+        for te in models.text_encoders:
+            # Cached outputs: the encoders wait on the CPU (in the dtype they would run in) for sampling.
+            _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, weight_dtype)
         if not args.cache_latents:
             _place(models.vae, accelerator.device, torch.float32 if args.no_half_vae else weight_dtype)
         if args.fp8_base or args.fp8_base_unet:
@@ -231,6 +300,19 @@ class NetworkTrainer:
         for te in models.text_encoders:
             te.train(train_te and args.gradient_checkpointing)
         network.prepare_grad_etc(self.family.network_text_encoders(models), models.denoiser)
+
+    @staticmethod
+    def optimizer_params(args, network, train_unet: bool):
+        """The network's parameter groups; ``--text_encoder_lr a b`` gives each text encoder its own lr
+        where the network module supports it (kohya's ``prepare_optimizer_params_with_multiple_te_lrs``)."""
+        te_lrs = list(args.text_encoder_lr or [])
+        unet_lr = args.unet_lr if train_unet else 0
+        if len(te_lrs) > 1:
+            if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
+                return network.prepare_optimizer_params_with_multiple_te_lrs(te_lrs, unet_lr, args.learning_rate)
+            logger.warning("--network_module %s takes one text encoder learning rate; using the first of %s",
+                           args.network_module, te_lrs)
+        return network.prepare_optimizer_params(te_lrs[0] if te_lrs else None, unet_lr, args.learning_rate)
 
     def make_schedule(self, args, num_batches: int, num_processes: int) -> Schedule:
         per_epoch = steps_per_epoch(num_batches, args.gradient_accumulation_steps, num_processes)
@@ -297,7 +379,8 @@ class NetworkTrainer:
                     len(val_group), ValidationSettings.from_args(args).timesteps)
         return ValidationRunner(
             settings=ValidationSettings.from_args(args), batches=lambda: iter(loader),
-            batch_losses=family_batch_losses(self.family, models, args, accelerator, loss_config=self.loss_config),
+            batch_losses=family_batch_losses(self.family, models, args, accelerator, loss_config=self.loss_config,
+                                             weight_dtype=weight_dtypes(args)[0]),
             eval_context=lambda: eval_mode(models.denoiser, *models.text_encoders, network))
 
     # ================================================================================= the loop
@@ -415,8 +498,12 @@ class NetworkTrainer:
                 latents = self.family.encode_images(models, batch["images"].to(accelerator.device))
             latents = torch.nan_to_num(latents.float())
         with accelerator.autocast():
-            with torch.set_grad_enabled(train_te):
-                conditioning = self.family.encode_text(models, batch, args)
+            if batch.get("text_encoder_outputs") is not None:
+                conditioning = self.family.conditioning_from_cache(models, batch["text_encoder_outputs"], args,
+                                                                   accelerator.device, weight_dtype)
+            else:
+                with torch.set_grad_enabled(train_te):
+                    conditioning = self.family.encode_text(models, batch, args)
             prediction = self.family.predict(models, latents, conditioning, batch, args)
         return training_loss(prediction.pred, prediction.target, prediction.timesteps, self.loss_config,
                              loss_weights=batch["loss_weights"], alphas_cumprod=prediction.alphas_cumprod,
@@ -468,7 +555,11 @@ class NetworkTrainer:
 
         prompts = load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
         device = accelerator.device
+        cached_te = caches_text_encoder_outputs(args)
         models.vae.to(device)
+        if cached_te:  # the text encoders wait on the CPU while their outputs are cached
+            for te in models.text_encoders:
+                te.to(device)
         try:
             generate = lambda prompt, generator: self.family.sample_image(  # noqa: E731
                 models, prompt, generator, args, device, torch.float32)
@@ -480,3 +571,8 @@ class NetworkTrainer:
         finally:
             if args.cache_latents:
                 models.vae.to("cpu")
+            if cached_te:
+                for te in models.text_encoders:
+                    te.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()

@@ -50,6 +50,8 @@ def validate_training_args(args) -> None:
         raise ArgumentError("--cache_latents cannot be used with --color_aug or --random_crop "
                             "(latents are encoded once); drop one of them")
 
+    _check_text_encoder_caching_flags(args)
+
     if args.gradient_accumulation_steps < 1:
         raise ArgumentError("--gradient_accumulation_steps must be at least 1")
     if args.train_batch_size < 1:
@@ -77,13 +79,40 @@ def validate_training_args(args) -> None:
                             "init kwargs, e.g. [wandb] entity = \"me\")")
     _check_validation_flags(args)
 
-    if args.v_parameterization and not args.v2:
-        logger.warning("--v_parameterization without --v2: fine for v-prediction SD1 models, unusual otherwise")
     if args.clip_skip is not None and args.clip_skip < 1:
         raise ArgumentError("--clip_skip must be 1 or more")
     if args.bucket_reso_steps % 8:
         raise ArgumentError(f"--bucket_reso_steps {args.bucket_reso_steps} must be a multiple of 8 (the latent stride)")
     _check_noise_and_loss_flags(args)
+
+
+#: CLI caption flags that vary a caption between epochs: the text encoders must see every variant
+_VARYING_CAPTION_FLAGS = ("shuffle_caption", "caption_tag_dropout_rate", "token_warmup_step", "caption_dropout_rate",
+                          "caption_dropout_every_n_epochs", "enable_wildcard")
+
+
+def _check_text_encoder_caching_flags(args) -> None:
+    """``--cache_text_encoder_outputs(_to_disk)``: frozen text encoders and captions that never change.
+
+    Subsets of a dataset TOML are checked when the dataset is built
+    (``DatasetGroup.verify_text_encoder_outputs_cacheable``).
+    """
+    if getattr(args, "cache_text_encoder_outputs_to_disk", False):
+        args.cache_text_encoder_outputs = True  # to-disk caching implies caching
+    if not getattr(args, "cache_text_encoder_outputs", False):
+        return
+    if not getattr(args, "network_train_unet_only", False):
+        raise ArgumentError("--cache_text_encoder_outputs needs --network_train_unet_only: the text encoders are run "
+                            "once before training, so their LoRA modules cannot be trained")
+    for flag in _VARYING_CAPTION_FLAGS:
+        value = getattr(args, flag, None)
+        if value:
+            raise ArgumentError(f"--cache_text_encoder_outputs cannot be used with --{flag} (each caption is encoded "
+                                f"once, so it must not change between epochs): drop --{flag} or the caching")
+    text_encoder_batch_size = getattr(args, "text_encoder_batch_size", None)
+    if text_encoder_batch_size is not None and text_encoder_batch_size < 1:
+        raise ArgumentError(f"--text_encoder_batch_size {text_encoder_batch_size} must be 1 or more (leave it out to "
+                            "use --train_batch_size)")
 
 
 def _check_validation_flags(args) -> None:

@@ -120,10 +120,12 @@ BatchLosses = Callable[[dict, "tuple[int, ...]", NoiseFn], "list[float]"]
 
 def family_batch_losses(family, models, args, accelerator,
                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = mse_per_sample,
-                        loss_config=None) -> BatchLosses:
+                        loss_config=None, weight_dtype: torch.dtype | None = None) -> BatchLosses:
     """The loss of one validation batch at each of the given timesteps, through the family API.
 
-    Latents (cached or VAE-encoded) and text conditioning are computed once per batch; then for
+    Latents (cached or VAE-encoded) and text conditioning (from the text encoders, or from the
+    batch's cached ``text_encoder_outputs`` cast to ``weight_dtype``, by default the
+    ``--mixed_precision`` one) are computed once per batch; then for
     each timestep ``family.predict(..., timesteps=, noise=)`` is run with fresh noise from
     ``noise_fn``. With ``loss_config`` (the trainer passes its own) the loss is exactly the
     training loss (``--loss_type``, masks, SNR weightings), so the two curves are comparable;
@@ -132,6 +134,16 @@ def family_batch_losses(family, models, args, accelerator,
     from library.training.loss import training_loss
 
     device = accelerator.device
+
+    def conditioning_of(batch: dict):
+        if batch.get("text_encoder_outputs") is None:
+            return family.encode_text(models, batch, args)
+        dtype = weight_dtype
+        if dtype is None:
+            from library.training.accelerator import weight_dtypes
+
+            dtype = weight_dtypes(args)[0]
+        return family.conditioning_from_cache(models, batch["text_encoder_outputs"], args, device, dtype)
 
     def losses(batch: dict, timesteps: tuple[int, ...], noise_fn: NoiseFn) -> list[float]:
         if batch.get("latents") is not None:
@@ -142,7 +154,7 @@ def family_batch_losses(family, models, args, accelerator,
         weights = batch["loss_weights"].to(device).float()
         out = []
         with accelerator.autocast():
-            conditioning = family.encode_text(models, batch, args)
+            conditioning = conditioning_of(batch)
             for t in timesteps:
                 noise = noise_fn(latents.shape).to(device)
                 steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)

@@ -24,10 +24,14 @@ class StableDiffusionFamily(ModelFamily):
     latents_stride = 8
     latent_cache_suffix = "_sd"
     tracker_name = "network_train"
+    #: raw VAE latents are multiplied by this before noising (the model's latent space)
+    latent_scale = LATENT_SCALE
 
     def validate_args(self, args) -> None:
         if args.max_token_length not in (None, 75, 150, 225):
             raise ArgumentError("--max_token_length must be 75, 150 or 225")
+        if args.v_parameterization and not args.v2:
+            logger.warning("--v_parameterization without --v2: fine for v-prediction SD1 models, unusual otherwise")
         if args.v2 and args.clip_skip is not None:
             logger.warning("--clip_skip with --v2: SD2's text encoder output already is the penultimate layer; "
                            "clip_skip %d goes further back", args.clip_skip)
@@ -69,7 +73,7 @@ class StableDiffusionFamily(ModelFamily):
     def predict(self, models: FamilyModels, latents, conditioning, batch, args, *, timesteps=None,
                 noise=None) -> Prediction:
         objective: DDPMObjective = models.extra["objective"]
-        latents = latents * LATENT_SCALE
+        latents = latents * self.latent_scale
         # Given noise (validation) is used as it is: no offset, pyramid or input perturbation.
         perturb = noise is None
         noise = objective.sample_noise(latents) if noise is None else noise.to(latents)
@@ -79,9 +83,14 @@ class StableDiffusionFamily(ModelFamily):
             timesteps = timesteps.to(device=latents.device, dtype=torch.long)
         noisy, target = objective.noisy_latents_and_target(latents, noise, timesteps, perturb=perturb)
         dtype = conditioning.dtype  # the compute dtype (the U-Net may store some weights in fp8)
-        pred = models.denoiser(noisy.to(dtype), timesteps, conditioning).sample
+        pred = self.run_denoiser(models, noisy.to(dtype), timesteps, conditioning, batch)
         return Prediction(pred=pred, target=target, timesteps=timesteps,
                           alphas_cumprod=objective.alphas_cumprod(latents.device))
+
+    def run_denoiser(self, models: FamilyModels, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning,
+                     batch: dict) -> torch.Tensor:
+        """One U-Net call on noisy model-space latents (the part of :meth:`predict` SDXL changes)."""
+        return models.denoiser(noisy, timesteps, conditioning).sample
 
     # --- output --------------------------------------------------------------------------------
     def base_model_version(self, args) -> str:

@@ -19,6 +19,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -124,8 +125,12 @@ def load_sd_models(path: str | os.PathLike, *, v2: bool, vae_path: str | os.Path
 # Reading files
 # --------------------------------------------------------------------------------------------
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of a ``.safetensors`` file or a torch pickle (``.ckpt``/``.pt``/``.bin``), on CPU.
+
+    ``mmap=False`` (``--disable_mmap_load_safetensors``) reads a safetensors file into memory in one
+    sequential read instead of memory-mapping it: much faster where page faults are slow (WSL,
+    network drives), at the cost of holding the file bytes while the tensors are built.
 
     A pickle is read with ``weights_only=True``; an old checkpoint whose pickle holds other Python
     objects (training callbacks) is read again without that restriction, with a warning, since that
@@ -137,6 +142,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
+            if not mmap:
+                return load_safetensors_bytes(path.read_bytes())
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); an interrupted download or "
@@ -207,7 +214,7 @@ def check_sd_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.Path
 # Building models
 # --------------------------------------------------------------------------------------------
 
-def _materialize(make: Callable[[], torch.nn.Module], convert: Callable[[torch.nn.Module], dict[str, torch.Tensor]],
+def materialize(make: Callable[[], torch.nn.Module], convert: Callable[[torch.nn.Module], dict[str, torch.Tensor]],
                  what: str, path: Path, dtype: torch.dtype, device: str | torch.device) -> torch.nn.Module:
     """Create a model without initialising its weights, then assign the converted tensors to it.
 
@@ -226,7 +233,7 @@ def _materialize(make: Callable[[], torch.nn.Module], convert: Callable[[torch.n
     return model.to(device).eval()
 
 
-def _use_sdpa(model: UNet2DConditionModel | AutoencoderKL) -> None:
+def use_sdpa(model: UNet2DConditionModel | AutoencoderKL) -> None:
     model.set_attn_processor(AttnProcessor2_0())
 
 
@@ -237,6 +244,8 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
     used: set[str] = set()
 
     unet_shape = infer_unet_shape(state_dict)
+    if unet_shape.is_sdxl:
+        raise CheckpointError(f"{path} holds an SDXL U-Net (label_emb.* keys): use sdxl_train_network.py")
     te_shape = infer_text_encoder_shape(state_dict)
     if unet_shape.cross_attention_dim != te_shape.hidden_size:
         raise CheckpointError(f"{path}: U-Net cross-attention width {unet_shape.cross_attention_dim} does not match "
@@ -252,9 +261,9 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
         used.update(converted.used)
         return converted.state_dict
 
-    unet = _materialize(lambda: UNet2DConditionModel.from_config(unet_shape.diffusers_config(v2=v2)), convert_unet,
+    unet = materialize(lambda: UNet2DConditionModel.from_config(unet_shape.diffusers_config(v2=v2)), convert_unet,
                         "U-Net", path, dtype, device)
-    text_encoder = _materialize(lambda: CLIPTextModel(CLIPTextConfig(**te_shape.transformers_config())), convert_te,
+    text_encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**te_shape.transformers_config())), convert_te,
                                 "text encoder", path, dtype, device)
     if vae_path is None:
         vae_shape = infer_vae_shape(state_dict)
@@ -264,14 +273,14 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
             used.update(converted.used)
             return converted.state_dict
 
-        vae = _materialize(lambda: AutoencoderKL.from_config(vae_shape.diffusers_config()), convert_vae, "VAE", path,
+        vae = materialize(lambda: AutoencoderKL.from_config(vae_shape.diffusers_config()), convert_vae, "VAE", path,
                            dtype, device)
     else:
         vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
         # The file's own VAE is replaced; the saver writes the VAE in use.
         used.update(k for k in state_dict if k.startswith(VAE_PREFIX))
-    _use_sdpa(unet)
-    _use_sdpa(vae)
+    use_sdpa(unet)
+    use_sdpa(vae)
 
     extras = {k: v for k, v in state_dict.items() if k not in used} if keep_extras else {}
     if extras:
@@ -294,7 +303,7 @@ def _with_conv_projection(unet: UNet2DConditionModel, path: Path) -> UNet2DCondi
                 for k, v in unet.state_dict().items()}
 
     first = next(unet.parameters())
-    return _materialize(lambda: UNet2DConditionModel.from_config(config), convert, "U-Net", path, first.dtype,
+    return materialize(lambda: UNet2DConditionModel.from_config(config), convert, "U-Net", path, first.dtype,
                         first.device)
 
 
@@ -327,8 +336,8 @@ def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_di
         vae_shape = VAEShape.from_diffusers_config(vae.config)
     else:
         vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
-    _use_sdpa(unet)
-    _use_sdpa(vae)
+    use_sdpa(unet)
+    use_sdpa(vae)
     logger.info("loaded SD%s Diffusers folder %s", "2" if v2 else "1", path)
     tokenizer = load_clip_tokenizer(v2=v2, cache_dir=tokenizer_cache_dir, diffusers_dir=path)
     return SDModels(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, v2=v2,
@@ -352,7 +361,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, dev
             raise CheckpointError(f"{path}: --vae folder has neither config.json nor vae/config.json")
         vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
         vae = vae.to(device=device, dtype=dtype).eval()
-        _use_sdpa(vae)
+        use_sdpa(vae)
         return vae, VAEShape.from_diffusers_config(vae.config)
 
     state_dict = read_checkpoint(path)
@@ -373,8 +382,8 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, dev
     else:
         raise CheckpointError(f"{path} is not a VAE: no 'encoder.down.0.block.0.conv1.weight' (LDM, optionally under "
                               f"first_stage_model.) or 'encoder.down_blocks.0.resnets.0.conv1.weight' (Diffusers) key")
-    vae = _materialize(lambda: AutoencoderKL.from_config(shape.diffusers_config()), convert, "VAE", path, dtype,
+    vae = materialize(lambda: AutoencoderKL.from_config(shape.diffusers_config()), convert, "VAE", path, dtype,
                        device)
-    _use_sdpa(vae)
+    use_sdpa(vae)
     logger.info("loaded VAE from %s", path)
     return vae, shape

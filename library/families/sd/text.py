@@ -122,6 +122,12 @@ def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: i
             raise ValueError(f"clip_skip={clip_skip} is more than the text encoder's {layers} layers")
         states = text_encoder(flat, output_hidden_states=True).hidden_states
         hidden = _text_transformer(text_encoder).final_layer_norm(states[-clip_skip])
+    return join_chunks(hidden, batch, n)
+
+
+def join_chunks(hidden: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """Per-chunk encoder outputs ``[B * n, 77, D]`` -> one sequence ``[B, 75n + 2, D]``: the first
+    chunk's BOS vector, the 75 middle vectors of every chunk in order, the last chunk's end vector."""
     hidden = hidden.reshape(batch, n, CHUNK, hidden.shape[-1])
     pieces = [hidden[:, 0, :1]] + [hidden[:, i, 1:-1] for i in range(n)] + [hidden[:, -1, -1:]]
     return torch.cat(pieces, dim=1)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 SD1_TOKENIZER_ID = "openai/clip-vit-large-patch14"
 SD2_TOKENIZER_ID = "stabilityai/stable-diffusion-2"
+#: SDXL's second tokenizer (OpenCLIP bigG): the SD2 tokenizer (``!`` padding) under another hub id
+SDXL_TOKENIZER2_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 MAX_LENGTH = 77
 VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -115,19 +117,25 @@ def _save_atomically(tokenizer: CLIPTokenizer, folder: Path) -> None:
 
 
 def load_clip_tokenizer(*, v2: bool, cache_dir: str | os.PathLike | None = None,
-                        diffusers_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
+                        diffusers_dir: str | os.PathLike | None = None, repo_id: str | None = None,
+                        subfolder: str = "tokenizer") -> CLIPTokenizer:
     """The SD1/SD2 CLIP tokenizer from ``cache_dir`` (built and saved there if absent), else the
-    ``tokenizer/`` folder of the Diffusers folder ``diffusers_dir``, else built from open_clip's BPE."""
+    ``subfolder`` of the Diffusers folder ``diffusers_dir``, else built from open_clip's BPE.
+
+    ``v2`` chooses the padding (``!`` when True); ``repo_id`` names the cache sub-folder when it is
+    not SD1's/SD2's hub id (SDXL's second tokenizer: :data:`SDXL_TOKENIZER2_ID`, ``tokenizer_2``).
+    """
+    repo_id = repo_id or hub_id(v2)
     if cache_dir is not None:
-        folder = Path(cache_dir) / cache_folder_name(hub_id(v2))
+        folder = Path(cache_dir) / cache_folder_name(repo_id)
         if not folder.is_dir():
-            logger.info("tokenizer cache %s not found: building the %s tokenizer there", folder, hub_id(v2))
+            logger.info("tokenizer cache %s not found: building the %s tokenizer there", folder, repo_id)
             _save_atomically(build_clip_tokenizer(v2=v2), folder)
         logger.info("loading tokenizer from %s", folder)
         return _load_folder(folder)
-    if diffusers_dir is not None and (Path(diffusers_dir) / "tokenizer").is_dir():
-        logger.info("loading tokenizer from %s", Path(diffusers_dir) / "tokenizer")
-        return _load_folder(Path(diffusers_dir) / "tokenizer")
+    if diffusers_dir is not None and (Path(diffusers_dir) / subfolder).is_dir():
+        logger.info("loading tokenizer from %s", Path(diffusers_dir) / subfolder)
+        return _load_folder(Path(diffusers_dir) / subfolder)
     return build_clip_tokenizer(v2=v2)
 
 

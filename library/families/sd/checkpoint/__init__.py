@@ -57,6 +57,8 @@ from .text_encoder import (
     clip_diffusers_to_ldm,
     clip_ldm_to_diffusers,
     detect_text_encoder_kind,
+    infer_clip_shape,
+    infer_openclip_shape,
     infer_text_encoder_shape,
     openclip_diffusers_to_ldm,
     openclip_ldm_to_diffusers,
@@ -69,6 +71,7 @@ from .text_encoder import (
 from .unet import (
     UNetShape,
     infer_unet_shape,
+    ldm_module_path,
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
 )
@@ -97,8 +100,11 @@ __all__ = [
     "clip_diffusers_to_ldm",
     "clip_ldm_to_diffusers",
     "detect_text_encoder_kind",
+    "infer_clip_shape",
+    "infer_openclip_shape",
     "infer_text_encoder_shape",
     "infer_unet_shape",
+    "ldm_module_path",
     "infer_vae_shape",
     "infer_vae_shape_from_diffusers",
     "modernize_diffusers_vae_keys",

@@ -53,7 +53,8 @@ class TextEncoderShape:
     ``kind``: ``"clip_l"`` (SD1, OpenAI CLIP ViT-L/14, quick-GELU) or ``"openclip"`` (SD2,
     OpenCLIP ViT-H/14, GELU). ``num_layers`` counts the layers of the model we run: for OpenCLIP
     the file holds one more (``stored_layers``) because SD2 conditions on the penultimate layer.
-    ``ldm_prefix``: where the encoder lives in the file.
+    ``ldm_prefix``: where the encoder lives in the file. ``runs_all_blocks``: an OpenCLIP model that
+    keeps every stored block (SDXL's second encoder, whose pooled output needs the last block).
     """
 
     kind: TextEncoderKind
@@ -63,10 +64,15 @@ class TextEncoderShape:
     num_layers: int
     max_position_embeddings: int
     ldm_prefix: str
+    runs_all_blocks: bool = False
+
+    @property
+    def drops_last_block(self) -> bool:
+        return self.kind == "openclip" and not self.runs_all_blocks
 
     @property
     def stored_layers(self) -> int:
-        return self.num_layers + 1 if self.kind == "openclip" else self.num_layers
+        return self.num_layers + 1 if self.drops_last_block else self.num_layers
 
     @property
     def hidden_act(self) -> str:
@@ -110,36 +116,47 @@ def detect_text_encoder_kind(state_dict: StateDict) -> TextEncoderKind | None:
     return None
 
 
-def infer_text_encoder_shape(state_dict: StateDict) -> TextEncoderShape:
-    """Read a :class:`TextEncoderShape` from a single-file state dict (CLIP-L or OpenCLIP keys)."""
-    kind = detect_text_encoder_kind(state_dict)
-    if kind == "openclip":
-        prefix = OPENCLIP_PREFIX
-        sd = _strip(state_dict, prefix)
-        what = "SD2 text encoder (OpenCLIP)"
-        tokens = _require(sd, "token_embedding.weight", prefix, what)
-        positions = _require(sd, "positional_embedding", prefix, what)
-        fc1 = _require(sd, "transformer.resblocks.0.mlp.c_fc.weight", prefix, what)
-        stored = len(_indices(sd, r"transformer\.resblocks\.(\d+)\."))
-        if stored < 2:
-            raise CheckpointError(f"{what}: {stored} transformer block(s) under '{prefix}transformer.resblocks'; SD2 "
-                                  f"conditions on the penultimate block, so at least 2 are needed")
-        layers = stored - 1
-    elif kind == "clip_l":
-        # Very old SD1 files lack the ``text_model.`` level; keep whichever the file has.
-        prefix = CLIP_PREFIX if any(k.startswith(CLIP_PREFIX) for k in state_dict) else "cond_stage_model.transformer."
-        sd = _strip(state_dict, prefix)
-        what = "SD1 text encoder (CLIP-L)"
-        tokens = _require(sd, "embeddings.token_embedding.weight", prefix, what)
-        positions = _require(sd, "embeddings.position_embedding.weight", prefix, what)
-        fc1 = _require(sd, "encoder.layers.0.mlp.fc1.weight", prefix, what)
-        layers = len(_indices(sd, r"encoder\.layers\.(\d+)\."))
-    else:
-        raise CheckpointError("no text encoder: neither 'cond_stage_model.transformer.*' (SD1 CLIP-L) nor "
-                              "'cond_stage_model.model.*' (SD2 OpenCLIP) keys")
-    return TextEncoderShape(kind=kind, vocab_size=tokens.shape[0], hidden_size=tokens.shape[1],
+def infer_openclip_shape(state_dict: StateDict, prefix: str = OPENCLIP_PREFIX, *, runs_all_blocks: bool = False,
+                         what: str = "SD2 text encoder (OpenCLIP)") -> TextEncoderShape:
+    """:class:`TextEncoderShape` of OpenCLIP keys under ``prefix`` (fused ``in_proj``, ``resblocks``)."""
+    sd = _strip(state_dict, prefix)
+    tokens = _require(sd, "token_embedding.weight", prefix, what)
+    positions = _require(sd, "positional_embedding", prefix, what)
+    fc1 = _require(sd, "transformer.resblocks.0.mlp.c_fc.weight", prefix, what)
+    stored = len(_indices(sd, r"transformer\.resblocks\.(\d+)\."))
+    if not runs_all_blocks and stored < 2:
+        raise CheckpointError(f"{what}: {stored} transformer block(s) under '{prefix}transformer.resblocks'; SD2 "
+                              f"conditions on the penultimate block, so at least 2 are needed")
+    return TextEncoderShape(kind="openclip", vocab_size=tokens.shape[0], hidden_size=tokens.shape[1],
+                            intermediate_size=fc1.shape[0], num_layers=stored if runs_all_blocks else stored - 1,
+                            max_position_embeddings=positions.shape[0], ldm_prefix=prefix,
+                            runs_all_blocks=runs_all_blocks)
+
+
+def infer_clip_shape(state_dict: StateDict, prefix: str = CLIP_PREFIX, *,
+                     what: str = "SD1 text encoder (CLIP-L)") -> TextEncoderShape:
+    """:class:`TextEncoderShape` of transformers-named CLIP keys under ``prefix`` (ends in ``text_model.``)."""
+    sd = _strip(state_dict, prefix)
+    tokens = _require(sd, "embeddings.token_embedding.weight", prefix, what)
+    positions = _require(sd, "embeddings.position_embedding.weight", prefix, what)
+    fc1 = _require(sd, "encoder.layers.0.mlp.fc1.weight", prefix, what)
+    layers = len(_indices(sd, r"encoder\.layers\.(\d+)\."))
+    return TextEncoderShape(kind="clip_l", vocab_size=tokens.shape[0], hidden_size=tokens.shape[1],
                             intermediate_size=fc1.shape[0], num_layers=layers,
                             max_position_embeddings=positions.shape[0], ldm_prefix=prefix)
+
+
+def infer_text_encoder_shape(state_dict: StateDict) -> TextEncoderShape:
+    """Read a :class:`TextEncoderShape` from an SD1/SD2 single-file state dict (CLIP-L or OpenCLIP keys)."""
+    kind = detect_text_encoder_kind(state_dict)
+    if kind == "openclip":
+        return infer_openclip_shape(state_dict, OPENCLIP_PREFIX)
+    if kind == "clip_l":
+        # Very old SD1 files lack the ``text_model.`` level; keep whichever the file has.
+        prefix = CLIP_PREFIX if any(k.startswith(CLIP_PREFIX) for k in state_dict) else "cond_stage_model.transformer."
+        return infer_clip_shape(state_dict, prefix)
+    raise CheckpointError("no text encoder: neither 'cond_stage_model.transformer.*' (SD1 CLIP-L) nor "
+                          "'cond_stage_model.model.*' (SD2 OpenCLIP) keys")
 
 
 def _clip_modules(shape: TextEncoderShape) -> list[_Module]:
@@ -258,7 +275,9 @@ def openclip_diffusers_to_ldm(state_dict: StateDict, shape: TextEncoderShape, *,
 
     last = f"{p}transformer.resblocks.{shape.num_layers}."
     last_keys = {k: v for k, v in kept.items() if k.startswith(last)}
-    if last_keys:
+    if not shape.drops_last_block:
+        pass  # the model holds every block the file stores
+    elif last_keys:
         out.update(last_keys)
     else:
         before = dict(out)
@@ -275,6 +294,8 @@ def openclip_diffusers_to_ldm(state_dict: StateDict, shape: TextEncoderShape, *,
 
 def placeholder_openclip_keys(shape: TextEncoderShape) -> list[str]:
     """The single-file keys :func:`openclip_diffusers_to_ldm` makes up when nothing was kept."""
+    if not shape.drops_last_block:
+        return [shape.ldm_prefix + "text_projection", shape.ldm_prefix + "logit_scale"]
     last = f"{shape.ldm_prefix}transformer.resblocks.{shape.num_layers}."
     parts = ["attn.in_proj_weight", "attn.in_proj_bias"] + [f"{ldm}{kind}" for ldm, _ in _OPENCLIP_LAYER_PARTS
                                                              for kind in ("weight", "bias")]

@@ -1,0 +1,35 @@
+"""Train a LoRA (or any network module) for Stable Diffusion XL.
+
+    accelerate launch sdxl_train_network.py --pretrained_model_name_or_path sd_xl_base_1.0.safetensors \
+        --dataset_config dataset.toml --output_dir out --output_name my_lora --network_module networks.lora \
+        --network_train_unet_only --cache_text_encoder_outputs
+
+Same flags as kohya-ss/sd-scripts' sdxl_train_network.py; see docs/sdxl_train_network.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from library.args import setup_sdxl_network_parser
+from library.config_file import parse_args_with_config
+from library.log import setup_logging
+
+
+def setup_parser():
+    return setup_sdxl_network_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = setup_parser()
+    args = parse_args_with_config(parser, argv)
+    setup_logging(args)
+    # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
+    from library.families.sdxl.family import SDXLFamily
+    from library.training.trainer import NetworkTrainer
+
+    NetworkTrainer(SDXLFamily()).train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
