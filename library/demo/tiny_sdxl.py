@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from library.demo.tiny_sd import build_tiny_vae, randomize_
+from library.demo.tiny_sd import build_tiny_vae, randomize_, write_single_file
 from library.families.sd.checkpoint import TextEncoderShape, UNetShape, VAEShape, unet_diffusers_to_ldm, vae_diffusers_to_ldm
 from library.families.sd.tokenizer import build_clip_tokenizer
 from library.families.sdxl.checkpoint import TE1_PREFIX, TE2_PREFIX, te1_transformers_to_ldm, te2_transformers_to_ldm
@@ -101,14 +100,7 @@ def write_tiny_sdxl_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = 
     weights under ``state_dict``), floating tensors cast to ``dtype``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ldm = {k: v.to(dtype) for k, v in build_tiny_sdxl(seed).ldm.items()}
-    if fmt == "safetensors":
-        save_file(ldm, str(path))
-    elif fmt == "ckpt":
-        torch.save({"state_dict": ldm, "epoch": 0, "global_step": 0}, str(path))
-    else:
-        raise ValueError(f"fmt must be 'safetensors' or 'ckpt', got {fmt!r}")
-    return path
+    return write_single_file(path, {k: v.to(dtype) for k, v in build_tiny_sdxl(seed).ldm.items()}, fmt)
 
 
 def write_tiny_sdxl_diffusers(directory: str | os.PathLike, seed: int = 0) -> Path:

@@ -27,6 +27,7 @@ from library.families.sd.checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
     CheckpointError,
+    refuse_non_base_models,
     TextEncoderShape,
     UNetShape,
     VAEShape,
@@ -174,17 +175,10 @@ def check_sd_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.Path
     """Raise :class:`CheckpointError` unless ``state_dict`` is an SD1 (``v2=False``) / SD2
     (``v2=True``) single-file checkpoint; the message names the file and the fix."""
     keys = list(state_dict)
-    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k
-           for k in keys):
-        raise CheckpointError(f"{path} is a LoRA/network file, not a base model: give it with --network_weights "
-                              f"and the base model with --pretrained_model_name_or_path")
+    refuse_non_base_models(state_dict, path)
     if _has_prefix(state_dict, "conditioner.embedders."):
         raise CheckpointError(f"{path} is an SDXL checkpoint (conditioner.embedders.* keys): use "
                               f"sdxl_train_network.py")
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is a FLUX.1 checkpoint (double_blocks.* keys): use flux_train_network.py")
-    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is an SD3 checkpoint (joint_blocks.* keys): use sd3_train_network.py")
     if not _has_prefix(state_dict, UNET_PREFIX):
         if _has_prefix(state_dict, VAE_PREFIX) or "encoder.down.0.block.0.conv1.weight" in state_dict \
                 or "encoder.down_blocks.0.resnets.0.conv1.weight" in state_dict:
@@ -233,6 +227,37 @@ def materialize(make: Callable[[], torch.nn.Module], convert: Callable[[torch.nn
     return model.to(device).eval()
 
 
+def single_file_vae(state_dict: dict[str, torch.Tensor], path: Path, vae_path, used: set[str], *,
+                    dtype: torch.dtype, device) -> tuple[AutoencoderKL, VAEShape]:
+    """The VAE of a single file (``first_stage_model.*``), or the ``--vae`` replacement when given.
+
+    Adds the file's VAE keys to ``used`` either way: a replaced VAE is not kept as an unused
+    tensor, since the saver writes the VAE in use.
+    """
+    if vae_path is not None:
+        used.update(k for k in state_dict if k.startswith(VAE_PREFIX))
+        return load_vae(vae_path, dtype=dtype, device=device)
+    vae_shape = infer_vae_shape(state_dict)
+
+    def convert(_: torch.nn.Module) -> dict[str, torch.Tensor]:
+        converted = vae_ldm_to_diffusers(state_dict, vae_shape)
+        used.update(converted.used)
+        return converted.state_dict
+
+    vae = materialize(lambda: AutoencoderKL.from_config(vae_shape.diffusers_config()), convert, "VAE", path, dtype,
+                      device)
+    return vae, vae_shape
+
+
+def unused_tensors(state_dict: dict[str, torch.Tensor], used: set[str], path: Path) -> dict[str, torch.Tensor]:
+    """The single-file tensors no model took (kept so a save writes the file's keys back), logged."""
+    extras = {k: v for k, v in state_dict.items() if k not in used}
+    if extras:
+        shown = ", ".join(sorted(extras)[:4]) + (" ..." if len(extras) > 4 else "")
+        logger.info("%s: %d tensor(s) not used by the models are kept for saving: %s", path.name, len(extras), shown)
+    return extras
+
+
 def use_sdpa(model: UNet2DConditionModel | AutoencoderKL) -> None:
     model.set_attn_processor(AttnProcessor2_0())
 
@@ -265,27 +290,10 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
                         "U-Net", path, dtype, device)
     text_encoder = materialize(lambda: CLIPTextModel(CLIPTextConfig(**te_shape.transformers_config())), convert_te,
                                 "text encoder", path, dtype, device)
-    if vae_path is None:
-        vae_shape = infer_vae_shape(state_dict)
-
-        def convert_vae(_: torch.nn.Module) -> dict[str, torch.Tensor]:
-            converted = vae_ldm_to_diffusers(state_dict, vae_shape)
-            used.update(converted.used)
-            return converted.state_dict
-
-        vae = materialize(lambda: AutoencoderKL.from_config(vae_shape.diffusers_config()), convert_vae, "VAE", path,
-                           dtype, device)
-    else:
-        vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
-        # The file's own VAE is replaced; the saver writes the VAE in use.
-        used.update(k for k in state_dict if k.startswith(VAE_PREFIX))
+    vae, vae_shape = single_file_vae(state_dict, path, vae_path, used, dtype=dtype, device=device)
     use_sdpa(unet)
     use_sdpa(vae)
-
-    extras = {k: v for k, v in state_dict.items() if k not in used} if keep_extras else {}
-    if extras:
-        shown = ", ".join(sorted(extras)[:4]) + (" ..." if len(extras) > 4 else "")
-        logger.info("%s: %d tensor(s) not used by the models are kept for saving: %s", path.name, len(extras), shown)
+    extras = unused_tensors(state_dict, used, path) if keep_extras else {}
     logger.info("loaded SD%s single file %s (U-Net levels %s, text encoder %s with %d layers)", "2" if v2 else "1",
                 path, unet_shape.block_out_channels, te_shape.kind, te_shape.num_layers)
     tokenizer = load_clip_tokenizer(v2=v2, cache_dir=tokenizer_cache_dir)

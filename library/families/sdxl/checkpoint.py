@@ -38,6 +38,7 @@ from library.families.sd.checkpoint import (
     infer_openclip_shape,
     openclip_diffusers_to_ldm,
     openclip_ldm_to_diffusers,
+    refuse_non_base_models,
 )
 
 TE1_PREFIX = "conditioner.embedders.0.transformer.text_model."
@@ -106,14 +107,7 @@ def check_sdxl_state_dict(state_dict: StateDict, path: Any, *, need_vae: bool = 
     """Raise :class:`CheckpointError` (what, where, how to fix) unless ``state_dict`` is an SDXL
     base single file."""
     keys = list(state_dict)
-    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k
-           for k in keys):
-        raise CheckpointError(f"{path} is a LoRA/network file, not a base model: give it with --network_weights "
-                              f"and the base model with --pretrained_model_name_or_path")
-    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is a FLUX.1 checkpoint (double_blocks.* keys): use flux_train_network.py")
-    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is an SD3 checkpoint (joint_blocks.* keys): use sd3_train_network.py")
+    refuse_non_base_models(state_dict, path)
     if any(k.startswith("cond_stage_model.") for k in keys):
         raise CheckpointError(f"{path} is an SD1/SD2 checkpoint (cond_stage_model.* keys): use train_network.py")
     if not any(k.startswith(UNET_PREFIX) for k in keys):

@@ -18,20 +18,18 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from library.families.sd.checkpoint import (
-    VAE_PREFIX,
     CheckpointError,
     TextEncoderShape,
     UNetShape,
     VAEShape,
     infer_unet_shape,
-    infer_vae_shape,
     transformers_text_prefix,
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
     vae_diffusers_to_ldm,
-    vae_ldm_to_diffusers,
 )
-from library.families.sd.loading import load_vae, materialize, read_checkpoint, use_sdpa
+from library.families.sd.loading import (load_vae, materialize, read_checkpoint, single_file_vae, unused_tensors,
+                                         use_sdpa)
 from library.families.sd.tokenizer import SDXL_TOKENIZER2_ID, load_clip_tokenizer
 from library.families.sdxl.checkpoint import (
     TE1_PREFIX,
@@ -165,20 +163,10 @@ def _load_single_file(path: Path, *, vae_path, dtype, device, keep_extras: bool,
     te2 = materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**te2_transformers_config(shape2,
                                                                                                     projection_dim))),
                       convert_te2, "text encoder 2", path, dtype, device)
-    if vae_path is None:
-        vae_shape = infer_vae_shape(state_dict)
-        vae = materialize(lambda: AutoencoderKL.from_config(vae_shape.diffusers_config()),
-                          convert_with(vae_ldm_to_diffusers, vae_shape), "VAE", path, dtype, device)
-    else:
-        vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
-        used.update(k for k in state_dict if k.startswith(VAE_PREFIX))
+    vae, vae_shape = single_file_vae(state_dict, path, vae_path, used, dtype=dtype, device=device)
     use_sdpa(unet)
     use_sdpa(vae)
-
-    extras = {k: v for k, v in state_dict.items() if k not in used} if keep_extras else {}
-    if extras:
-        shown = ", ".join(sorted(extras)[:4]) + (" ..." if len(extras) > 4 else "")
-        logger.info("%s: %d tensor(s) not used by the models are kept for saving: %s", path.name, len(extras), shown)
+    extras = unused_tensors(state_dict, used, path) if keep_extras else {}
     logger.info("loaded SDXL single file %s (U-Net levels %s, depths %s; text encoders %d + %d layers)", path,
                 unet_shape.block_out_channels, unet_shape.transformer_depth, shape1.num_layers, shape2.num_layers)
     return SDXLModels(unet=unet, vae=vae, text_encoder1=te1, text_encoder2=te2, tokenizer1=None, tokenizer2=None,

@@ -50,6 +50,7 @@ from .common import (
     Converted,
     Parts,
     StateDict,
+    refuse_non_base_models,
 )
 from .text_encoder import (
     TextEncoderKind,
@@ -111,6 +112,7 @@ __all__ = [
     "openclip_diffusers_to_ldm",
     "openclip_ldm_to_diffusers",
     "placeholder_openclip_keys",
+    "refuse_non_base_models",
     "text_encoder_diffusers_to_ldm",
     "text_encoder_kind_of_config",
     "text_encoder_ldm_to_diffusers",

@@ -39,6 +39,20 @@ class Converted(NamedTuple):
     unused: tuple[str, ...]
 
 
+def refuse_non_base_models(state_dict: StateDict, path: object) -> None:
+    """Raise :class:`CheckpointError` for a LoRA/network file or a FLUX.1/SD3 checkpoint, naming the
+    flag or script that takes it (the checks every U-Net family's loader starts with)."""
+    keys = list(state_dict)
+    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k
+           for k in keys):
+        raise CheckpointError(f"{path} is a LoRA/network file, not a base model: give it with --network_weights "
+                              f"and the base model with --pretrained_model_name_or_path")
+    if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
+        raise CheckpointError(f"{path} is a FLUX.1 checkpoint (double_blocks.* keys): use flux_train_network.py")
+    if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
+        raise CheckpointError(f"{path} is an SD3 checkpoint (joint_blocks.* keys): use sd3_train_network.py")
+
+
 # --------------------------------------------------------------------------------------------
 # The renaming engine: a list of module pairs, each with the parameter names inside the module.
 # --------------------------------------------------------------------------------------------
