@@ -338,12 +338,7 @@ def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_di
     unet = unet.to(device=device, dtype=dtype).eval()
     text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
     text_encoder = text_encoder.to(device=device, dtype=dtype).eval()
-    if vae_path is None:
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
-        vae = vae.to(device=device, dtype=dtype).eval()
-        vae_shape = VAEShape.from_diffusers_config(vae.config)
-    else:
-        vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
+    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device)
     use_sdpa(unet)
     use_sdpa(vae)
     logger.info("loaded SD%s Diffusers folder %s", "2" if v2 else "1", path)

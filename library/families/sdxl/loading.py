@@ -196,12 +196,7 @@ def _load_diffusers_folder(path: Path, *, vae_path, dtype, device) -> SDXLModels
     te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", local_files_only=True)
     te1 = te1.to(device=device, dtype=dtype).eval()
     te2 = te2.to(device=device, dtype=dtype).eval()
-    if vae_path is None:
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", local_files_only=True)
-        vae = vae.to(device=device, dtype=dtype).eval()
-        vae_shape = VAEShape.from_diffusers_config(vae.config)
-    else:
-        vae, vae_shape = load_vae(vae_path, dtype=dtype, device=device)
+    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device)
     use_sdpa(unet)
     use_sdpa(vae)
     logger.info("loaded SDXL Diffusers folder %s", path)
