@@ -328,20 +328,71 @@ def add_masked_loss_arguments(parser: argparse.ArgumentParser) -> None:
                         "the images' alpha channel)")
 
 
-def add_sdxl_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the SDXL scripts (kohya's ``add_sdxl_training_arguments``)."""
-    g = parser.add_argument_group("SDXL")
+def add_text_encoder_caching_arguments(g) -> None:
+    """``--cache_text_encoder_outputs`` and friends, shared by the SDXL and DiT scripts."""
     g.add_argument("--cache_text_encoder_outputs", action="store_true",
-                   help="encode every caption once with both text encoders and free them (needs "
+                   help="encode every caption once with the text encoders and free them (needs "
                         "--network_train_unet_only; no shuffle/dropout/warmup/wildcards of captions)")
     g.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
-                   help="cache text encoder outputs as <image stem>_te_outputs.npz (implies "
+                   help="cache text encoder outputs as .npz files next to the images (implies "
                         "--cache_text_encoder_outputs)")
     g.add_argument("--text_encoder_batch_size", type=int, default=None,
                    help="captions per text-encoder call while caching (default: --train_batch_size)")
     g.add_argument("--disable_mmap_load_safetensors", action="store_true",
                    help="read .safetensors files into memory in one go instead of memory-mapping them "
                         "(faster on WSL and network drives)")
+
+
+def add_sdxl_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the SDXL scripts (kohya's ``add_sdxl_training_arguments``)."""
+    add_text_encoder_caching_arguments(parser.add_argument_group("SDXL"))
+
+
+WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
+
+
+def add_dit_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the DiT scripts (FLUX.1, SD3): caching, flow-matching weighting, block swap."""
+    g = parser.add_argument_group("DiT training")
+    add_text_encoder_caching_arguments(g)
+    g.add_argument("--weighting_scheme", type=str, default="uniform", choices=WEIGHTING_SCHEMES,
+                   help="timestep density (logit_normal, mode) and loss weighting (sigma_sqrt, cosmap) of flow "
+                        "matching (default uniform)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal weighting scheme")
+    g.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal weighting scheme")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode weighting scheme")
+    g.add_argument("--blocks_to_swap", type=int, default=None,
+                   help="keep this many transformer blocks in CPU memory and stream them to the GPU when they "
+                        "run (saves VRAM, costs speed; not with --cpu_offload_checkpointing)")
+    g.add_argument("--cpu_offload_checkpointing", action="store_true",
+                   help="with --gradient_checkpointing, keep the checkpointed activations in CPU memory")
+
+
+def add_flux_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of flux_train_network.py (kohya's ``add_flux_train_arguments`` and the script's own)."""
+    g = parser.add_argument_group("FLUX.1")
+    g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (.safetensors)")
+    g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (.safetensors)")
+    g.add_argument("--ae", type=str, default=None, help="FLUX autoencoder file (ae.safetensors)")
+    g.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                   help="T5 tokens per caption (default 512 for dev, 256 for schnell)")
+    g.add_argument("--apply_t5_attn_mask", action="store_true",
+                   help="mask T5 padding tokens in T5 and in the DiT's attention")
+    g.add_argument("--guidance_scale", type=float, default=3.5,
+                   help="embedded guidance value given to FLUX.1 dev during training (1.0 is often recommended)")
+    g.add_argument("--timestep_sampling", type=str, default="sigma",
+                   choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
+                   help="how training timesteps are drawn (default sigma; see docs/flux_train_network.md)")
+    g.add_argument("--sigmoid_scale", type=float, default=1.0,
+                   help="scale of the normal draw for sigmoid/shift/flux_shift sampling")
+    g.add_argument("--model_prediction_type", type=str, default="sigma_scaled",
+                   choices=["raw", "additive", "sigma_scaled"],
+                   help="how the model output is read: raw (velocity, recommended), additive, sigma_scaled")
+    g.add_argument("--discrete_flow_shift", type=float, default=3.0,
+                   help="shift of the flow-matching schedule (sigma and shift sampling)")
+    g.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
+                   help="model type (chroma: not supported yet)")
+    g.add_argument("--split_mode", action="store_true", help="deprecated: same as --blocks_to_swap 18")
 
 
 def setup_network_parser() -> argparse.ArgumentParser:
@@ -366,4 +417,13 @@ def setup_sdxl_network_parser() -> argparse.ArgumentParser:
     parser = setup_network_parser()
     parser.description = "Train a LoRA (or another network module) for Stable Diffusion XL"
     add_sdxl_training_arguments(parser)
+    return parser
+
+
+def setup_flux_network_parser() -> argparse.ArgumentParser:
+    """The parser of flux_train_network.py: train_network.py's flags plus the DiT and FLUX ones."""
+    parser = setup_network_parser()
+    parser.description = "Train a LoRA (or another network module) for FLUX.1 dev/schnell"
+    add_dit_training_arguments(parser)
+    add_flux_training_arguments(parser)
     return parser

@@ -122,6 +122,9 @@ class LoRANetwork(nn.Module):
         self._te_index: dict[str, int] = {}
         self._dropped_names: set[str] = set()
         self._frozen: list[LoRAModule] = []
+        #: how many text encoders the base model has (``--text_encoder_lr`` takes one lr each); None: as
+        #: many as the modules name (a family whose encoders may have no modules sets it, e.g. FLUX's T5)
+        self.num_text_encoders: int | None = None
         for plan in planned:
             if plan.lora_name in self._modules:
                 raise ValueError(f"two layers map to the same LoRA name {plan.lora_name}; the naming scheme is ambiguous")
@@ -250,7 +253,7 @@ class LoRANetwork(nn.Module):
         descriptions: list[str] = []
 
         te_lrs = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
-        te_count = 1 + max(self._te_index.values(), default=0)
+        te_count = self.num_text_encoders or 1 + max(self._te_index.values(), default=0)
         if not te_lrs:
             te_lrs = [None]
         if len(te_lrs) not in (1, te_count):

@@ -51,3 +51,19 @@ def tiny_sdxl_diffusers(tmp_path_factory) -> Path:
     from library.demo.tiny_sdxl import write_tiny_sdxl_diffusers
 
     return write_tiny_sdxl_diffusers(tmp_path_factory.mktemp("tiny_sdxl_diffusers") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """A tiny FLUX.1-dev setup (DiT, AE, CLIP-L, T5 and a T5 tokenizer folder) in the real file layouts."""
+    from library.demo.tiny_flux import write_tiny_flux_setup
+
+    return write_tiny_flux_setup(tmp_path_factory.mktemp("tiny_flux"), guidance_embed=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tmp_path_factory):
+    """The schnell-style variant (no guidance embedding)."""
+    from library.demo.tiny_flux import write_tiny_flux_setup
+
+    return write_tiny_flux_setup(tmp_path_factory.mktemp("tiny_flux_schnell"), guidance_embed=False)

@@ -213,7 +213,8 @@ class BucketedDataset:
             lat = info.latents_flipped if flipped else info.latents
             mask = info.cached_alpha_mask
         else:
-            lat, mask = latent_cache.read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.uses_masks)
+            lat, mask = latent_cache.read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.uses_masks,
+                                                    key_suffix=info.latents_key_suffix)
         if lat is None:
             raise DatasetError(f"no flipped latents cached for {info.path}: re-cache with flip_aug on")
         if mask is not None and flipped:

@@ -110,7 +110,7 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
     # ----------------------------------------------------------------------------- caching
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], *, vae_batch_size: int = 1,
                       to_disk: bool = False, skip_cache_check: bool = False, cache_suffix: str = "_sd",
-                      process_index: int = 0, num_processes: int = 1) -> int:
+                      process_index: int = 0, num_processes: int = 1, suffixed_keys: bool = False) -> int:
         """Encode every image once (see ``latent_cache.cache_latents``); returns how many were encoded.
 
         Refused with a :class:`DatasetError` when a subset changes its images every epoch
@@ -133,18 +133,21 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
         return latent_cache.cache_latents(images, encode, load, latents_stride=self.latents_stride,
                                           vae_batch_size=vae_batch_size, to_disk=to_disk,
                                           skip_cache_check=skip_cache_check, cache_suffix=cache_suffix,
-                                          process_index=process_index, num_processes=num_processes)
+                                          process_index=process_index, num_processes=num_processes,
+                                          suffixed_keys=suffixed_keys)
 
     def cache_text_encoder_outputs(self, encode: Callable[[list[str]], Mapping[str, torch.Tensor]], *,
                                    batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
                                    suffix: str, expected_shapes: te_cache.Shapes | None = None,
-                                   process_index: int = 0, num_processes: int = 1) -> int:
+                                   process_index: int = 0, num_processes: int = 1,
+                                   settings: Mapping[str, bool | float] | None = None) -> int:
         """Encode every image's caption once (see ``te_cache.cache_text_encoder_outputs``); returns how
         many captions were encoded.
 
         ``encode(captions) -> {name: [B, ...]}``. The caption encoded is the one batches train on
         (prefix/suffix and replacements applied), so replacements must be added before caching.
-        ``expected_shapes`` (per-sample shape by name) makes disk files of another shape stale.
+        ``expected_shapes`` (per-sample shape by name) makes disk files of another shape stale, and
+        ``settings`` (flags the outputs depend on, stored in each file) files made with other settings.
         Refused like :meth:`verify_text_encoder_outputs_cacheable` when captions vary.
         """
         self.verify_text_encoder_outputs_cacheable()
@@ -152,7 +155,7 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
         return te_cache.cache_text_encoder_outputs(items, encode, batch_size=batch_size, to_disk=to_disk,
                                                    skip_cache_check=skip_cache_check, suffix=suffix,
                                                    expected_shapes=expected_shapes, process_index=process_index,
-                                                   num_processes=num_processes)
+                                                   num_processes=num_processes, settings=settings)
 
     # ---------------------------------------------------------------------------- reports
     def bucket_info(self) -> dict[str, Any]:

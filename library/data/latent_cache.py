@@ -9,6 +9,10 @@ zero-padded to 4 digits; suffix ``_sd`` for SD 1.x/2.x) holding
 * ``alpha_mask``: float32 [H, W] at bucket size (when alpha_mask is on or the subset has a
   ``conditioning_data_dir`` mask; re-cache after editing masks).
 
+FLUX/SD3-style files (``suffixed_keys``, kohya's newer cache strategies) name every key with the
+latent size: ``latents_<h>x<w>``, ``original_size_<h>x<w>``, ... (h, w = latent height and width),
+so one file can hold several resolutions; writing one resolution keeps the others.
+
 A file is valid when it exists, has the keys the subset needs and ``latents`` has the shape
 bucket / stride. ``skip_cache_check`` trusts any existing file (existence only), which saves
 opening thousands of files on a big dataset. A legacy ``<stem>.npz`` is used when valid; it is
@@ -46,34 +50,44 @@ def legacy_cache_path(image_path: Path) -> Path:
     return image_path.with_name(image_path.stem + ".npz")
 
 
+def key_suffix(latent_hw: tuple[int, int], suffixed: bool) -> str:
+    """The key suffix of one resolution in a file: ``_<h>x<w>`` for suffixed files, else empty."""
+    return f"_{latent_hw[0]}x{latent_hw[1]}" if suffixed else ""
+
+
 def is_cache_valid(path: Path, *, latent_hw: tuple[int, int], flip_aug: bool, alpha_mask: bool,
-                   skip_check: bool = False) -> bool:
+                   skip_check: bool = False, key_suffix: str = "") -> bool:
     """Whether ``path`` can be used as is (see the module docstring)."""
     if not path.is_file():
         return False
     if skip_check:
         return True
+    sfx = key_suffix
     try:
         with np.load(path) as npz:
             keys = set(npz.files)
-            needed = {"latents", *(["latents_flipped"] if flip_aug else []), *(["alpha_mask"] if alpha_mask else [])}
+            needed = {f"latents{sfx}", *([f"latents_flipped{sfx}"] if flip_aug else []),
+                      *([f"alpha_mask{sfx}"] if alpha_mask else [])}
             if not needed <= keys:
                 return False
-            if tuple(npz["latents"].shape[-2:]) != tuple(latent_hw):
+            if tuple(npz[f"latents{sfx}"].shape[-2:]) != tuple(latent_hw):
                 return False
-            return not flip_aug or tuple(npz["latents_flipped"].shape[-2:]) == tuple(latent_hw)
+            return not flip_aug or tuple(npz[f"latents_flipped{sfx}"].shape[-2:]) == tuple(latent_hw)
     except Exception as e:  # a torn or foreign file: encode again and overwrite
         logger.warning("latent cache %s is unreadable (%s); re-encoding", path, e)
         return False
 
 
-def read_latents(path: Path, *, flipped: bool, alpha_mask: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def read_latents(path: Path, *, flipped: bool, alpha_mask: bool,
+                 key_suffix: str = "") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(latents or flipped latents, alpha mask or None) from a cache file; errors name the file."""
+    sfx = key_suffix
     try:
         with np.load(path) as npz:
-            key = "latents_flipped" if flipped else "latents"
+            key = f"latents_flipped{sfx}" if flipped else f"latents{sfx}"
             latents = torch.from_numpy(npz[key]) if key in npz.files else None
-            mask = torch.from_numpy(npz["alpha_mask"]) if alpha_mask and "alpha_mask" in npz.files else None
+            mask_key = f"alpha_mask{sfx}"
+            mask = torch.from_numpy(npz[mask_key]) if alpha_mask and mask_key in npz.files else None
     except Exception as e:
         raise DatasetError(f"cannot read latent cache {path}: {e} -- delete it to re-encode") from e
     return latents, mask
@@ -81,16 +95,26 @@ def read_latents(path: Path, *, flipped: bool, alpha_mask: bool) -> tuple[torch.
 
 def write_latents(path: Path, latents: torch.Tensor, *, original_size: tuple[int, int],
                   crop_ltrb: tuple[int, int, int, int], latents_flipped: torch.Tensor | None = None,
-                  alpha_mask: torch.Tensor | None = None) -> None:
+                  alpha_mask: torch.Tensor | None = None, key_suffix: str = "") -> None:
+    sfx = key_suffix
     arrays = {
-        "latents": latents.float().cpu().numpy(),
-        "original_size": np.array(original_size),
-        "crop_ltrb": np.array(crop_ltrb),
+        f"latents{sfx}": latents.float().cpu().numpy(),
+        f"original_size{sfx}": np.array(original_size),
+        f"crop_ltrb{sfx}": np.array(crop_ltrb),
     }
     if latents_flipped is not None:
-        arrays["latents_flipped"] = latents_flipped.float().cpu().numpy()
+        arrays[f"latents_flipped{sfx}"] = latents_flipped.float().cpu().numpy()
     if alpha_mask is not None:
-        arrays["alpha_mask"] = alpha_mask.float().cpu().numpy()
+        arrays[f"alpha_mask{sfx}"] = alpha_mask.float().cpu().numpy()
+    if sfx and path.is_file():
+        # Suffixed files hold several resolutions: keep the other ones (not this one's stale keys).
+        try:
+            with np.load(path) as old:
+                for key in old.files:
+                    if not key.endswith(sfx) and key not in arrays:
+                        arrays[key] = old[key]
+        except Exception as e:  # a torn file: start it anew
+            logger.warning("latent cache %s is unreadable (%s); rewriting it", path, e)
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
 
@@ -101,6 +125,7 @@ class _Job:
 
     infos: list = field(default_factory=list)
     npz: Path | None = None
+    key_suffix: str = ""
 
     @property
     def first(self):
@@ -135,13 +160,15 @@ def _plan(images: Iterable, *, to_disk: bool, cache_suffix: str) -> list[_Job]:
 
 def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latents_stride: int = 8,
                   vae_batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
-                  cache_suffix: str = "_sd", process_index: int = 0, num_processes: int = 1) -> int:
+                  cache_suffix: str = "_sd", process_index: int = 0, num_processes: int = 1,
+                  suffixed_keys: bool = False) -> int:
     """Fill the latent cache of ``images`` (ImageInfos with placements); returns how many were encoded.
 
     ``encode(images [B,3,H,W] float in [-1,1]) -> latents [B,C,h,w]`` is the family's VAE encode;
     it receives CPU float32 tensors and moves them where it needs. With ``to_disk`` and several
     processes, this process only encodes the missing files with ``job index % num_processes ==
     process_index``; call again with the defaults after a barrier to pick up all files.
+    ``suffixed_keys``: the FLUX/SD3 file layout (keys end in ``_<h>x<w>``; no legacy ``<stem>.npz``).
     """
     jobs = _plan(images, to_disk=to_disk, cache_suffix=cache_suffix)
     todo: list[_Job] = []
@@ -149,16 +176,18 @@ def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latent
         info = job.first
         bw, bh = info.placement.bucket
         latent_hw = (bh // latents_stride, bw // latents_stride)
+        job.key_suffix = key_suffix(latent_hw, suffixed_keys)
         if job.npz is not None:
             found = None
-            for candidate in (job.npz, legacy_cache_path(info.path)):
+            candidates = (job.npz,) if suffixed_keys else (job.npz, legacy_cache_path(info.path))
+            for candidate in candidates:
                 if is_cache_valid(candidate, latent_hw=latent_hw, flip_aug=job.flip, alpha_mask=job.alpha,
-                                  skip_check=skip_cache_check):
+                                  skip_check=skip_cache_check, key_suffix=job.key_suffix):
                     found = candidate
                     break
             if found is not None:
                 for i in job.infos:
-                    i.latents_npz = found
+                    i.latents_npz, i.latents_key_suffix = found, job.key_suffix
                 continue
             if num_processes > 1 and n % num_processes != process_index:
                 continue
@@ -202,9 +231,9 @@ def _store(job: _Job, latents: torch.Tensor, latents_flipped: torch.Tensor | Non
     info = job.first
     if job.npz is not None:
         write_latents(job.npz, latents, original_size=info.image_size, crop_ltrb=info.crop_ltrb,
-                      latents_flipped=latents_flipped, alpha_mask=mask)
+                      latents_flipped=latents_flipped, alpha_mask=mask, key_suffix=job.key_suffix)
         for i in job.infos:
-            i.latents_npz = job.npz
+            i.latents_npz, i.latents_key_suffix = job.npz, job.key_suffix
         return
     for i in job.infos:
         i.latents, i.latents_flipped, i.cached_alpha_mask = latents, latents_flipped, mask

@@ -63,6 +63,7 @@ class ImageInfo:
     latents_flipped: torch.Tensor | None = None
     cached_alpha_mask: torch.Tensor | None = None
     latents_npz: Path | None = None
+    latents_key_suffix: str = ""  # "_<h>x<w>" in FLUX/SD3-style cache files
     # Filled by text-encoder output caching (``te_cache``): named per-sample tensors in memory, or
     # the npz read for every batch; and the caption they were encoded from (checked per batch).
     text_encoder_outputs: dict[str, torch.Tensor] | None = None

@@ -13,8 +13,12 @@ Disk cache files are ``<stem><suffix>`` (the family's suffix; ``_te_outputs.npz`
 * ``caption_sha256``: the sha256 hex digest of the caption the outputs were encoded from (a numpy
   unicode scalar). This is our addition: kohya's files lack it and are accepted as they are.
 
-A file is valid when it exists, is readable, holds every expected key with the expected
-per-sample shape (when the caller knows them; the trainer learns them by encoding one caption,
+* the settings the outputs depend on (the family's ``text_encoder_cache_settings``, e.g. FLUX's
+  ``apply_t5_attn_mask``, as kohya's files hold it), as 0-dim arrays. They are part of every
+  sample's outputs in memory too, so disk and memory samples batch alike.
+
+A file is valid when it exists, is readable, has the current settings, holds every expected key
+with the expected per-sample shape (when the caller knows them; the trainer learns them by encoding one caption,
 so a changed ``--max_token_length`` re-encodes) and, when it records a caption hash, that hash is
 the current caption's: editing one caption re-encodes just that image. ``skip_cache_check``
 trusts any existing file (existence only), which saves opening thousands of files on a big
@@ -82,7 +86,7 @@ def _stored_hash(npz) -> str | None:
 
 
 def is_cache_valid(path: Path, *, caption: str, expected_shapes: Shapes | None = None,
-                   skip_check: bool = False) -> bool:
+                   skip_check: bool = False, settings: Mapping[str, bool | float] | None = None) -> bool:
     """Whether ``path`` can be used as is for ``caption`` (see the module docstring)."""
     if not path.is_file():
         return False
@@ -93,6 +97,9 @@ def is_cache_valid(path: Path, *, caption: str, expected_shapes: Shapes | None =
             stored = _stored_hash(npz)
             if stored is not None and stored != caption_sha256(caption):
                 return False  # encoded from another caption: stale
+            for key, value in (settings or {}).items():
+                if key not in npz.files or npz[key].shape != () or npz[key].item() != value:
+                    return False  # encoded with other settings (e.g. without the T5 attention mask)
             if expected_shapes is None:
                 return any(key != CAPTION_HASH_KEY for key in npz.files)
             return all(key in npz.files and tuple(npz[key].shape) == tuple(shape)
@@ -113,7 +120,9 @@ def read_outputs(path: Path) -> dict[str, torch.Tensor]:
 
 def write_outputs(path: Path, outputs: Mapping[str, torch.Tensor], *, caption: str) -> None:
     """Write one sample's outputs as float32 plus the caption hash, atomically."""
-    arrays = {key: value.detach().float().cpu().numpy() for key, value in outputs.items()}
+    # Flags and masks stay bool (what kohya's files hold); everything else is float32.
+    arrays = {key: value.detach().cpu().numpy() if value.dtype == torch.bool else value.detach().float().cpu().numpy()
+              for key, value in outputs.items()}
     arrays[CAPTION_HASH_KEY] = np.array(caption_sha256(caption))
     with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
@@ -165,7 +174,7 @@ def _use_file(path: Path, infos: list, caption: str) -> None:
 def cache_text_encoder_outputs(items: list[tuple], encode: Encode, *, batch_size: int = 1, to_disk: bool = False,
                                skip_cache_check: bool = False, suffix: str,
                                expected_shapes: Shapes | None = None, process_index: int = 0,
-                               num_processes: int = 1) -> int:
+                               num_processes: int = 1, settings: Mapping[str, bool | float] | None = None) -> int:
     """Fill the text-encoder output cache of ``items`` ((ImageInfo, caption) pairs); returns how many
     captions were encoded.
 
@@ -173,7 +182,8 @@ def cache_text_encoder_outputs(items: list[tuple], encode: Encode, *, batch_size
     tensors; it is called under whatever grad/autocast context the caller set. With ``to_disk``
     and several processes, this process only encodes the captions of the missing files with
     ``caption index % num_processes == process_index``; call again with the defaults after a
-    barrier to pick up all files (captions cached in memory are not encoded twice).
+    barrier to pick up all files (captions cached in memory are not encoded twice). ``settings``
+    are stored with every sample's outputs (see the module docstring).
     """
     if batch_size < 1:
         raise DatasetError(f"--text_encoder_batch_size must be >= 1 (got {batch_size})")
@@ -181,7 +191,7 @@ def cache_text_encoder_outputs(items: list[tuple], encode: Encode, *, batch_size
     for n, job in enumerate(_plan(items, to_disk=to_disk, suffix=suffix)):
         for path in list(job.files):
             if is_cache_valid(path, caption=job.caption, expected_shapes=expected_shapes,
-                              skip_check=skip_cache_check):
+                              skip_check=skip_cache_check, settings=settings):
                 _use_file(path, job.files.pop(path), job.caption)
         if num_processes > 1 and n % num_processes != process_index:
             job.files.clear()  # another process writes these; picked up by the call after the barrier
@@ -192,8 +202,9 @@ def cache_text_encoder_outputs(items: list[tuple], encode: Encode, *, batch_size
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for chunk in tqdm(chunks, desc="caching text encoder outputs", smoothing=0):
         outputs = _encode_checked(encode, chunk)
+        fixed = {key: torch.tensor(value) for key, value in (settings or {}).items()}
         for k, job in enumerate(chunk):
-            _store(job, {key: value[k].clone() for key, value in outputs.items()})
+            _store(job, {**{key: value[k].clone() for key, value in outputs.items()}, **fixed})
     return len(todo)
 
 

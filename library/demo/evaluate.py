@@ -47,3 +47,21 @@ def denoising_loss(model_path: Path, lora_path: Path | None, images: torch.Tenso
         pred = sd.unet(noisy, ts, cond).sample
         total += torch.nn.functional.mse_loss(pred, target).item()
     return total / len(timesteps)
+
+
+@torch.no_grad()
+def family_denoising_loss(family, models, args, latents: torch.Tensor, conditioning, *, batch: dict | None = None,
+                          timesteps=(100, 300, 500, 700, 900), seed: int = 0) -> float:
+    """Mean squared error of ``family.predict`` against its target on fixed latents, noise and timesteps.
+
+    Any family (FLUX, SD3, ...): the same call the validation loss makes, with noise drawn from a
+    generator seeded by ``seed``, so runs before and after training compare exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = torch.full((latents.shape[0],), t, dtype=torch.long)
+        prediction = family.predict(models, latents, conditioning, batch or {}, args, timesteps=steps, noise=noise)
+        total += torch.nn.functional.mse_loss(prediction.pred.float(), prediction.target.float()).item()
+    return total / len(timesteps)

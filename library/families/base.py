@@ -41,6 +41,11 @@ class Prediction:
     #: DDPM families: the whole cumulative-alpha table [T] on the device (the loss indexes it by
     #: ``timesteps`` for SNR weightings and the Huber schedule); None for other objectives.
     alphas_cumprod: torch.Tensor | None = None
+    #: other objectives (flow matching): the per-sample cumulative alpha of the same signal-to-noise
+    #: ratio [B], so the Huber ``snr`` schedule works for them too; None when not known.
+    abar_t: torch.Tensor | None = None
+    #: per-sample loss weights of the objective [B] (flow matching's ``--weighting_scheme``); None = 1
+    weighting: torch.Tensor | None = None
 
 
 class ModelFamily(abc.ABC):
@@ -55,6 +60,12 @@ class ModelFamily(abc.ABC):
     #: file-name suffix of the disk text-encoder output cache (``<stem><suffix>``); None: the family
     #: cannot cache text-encoder outputs (``--cache_text_encoder_outputs`` is refused)
     text_encoder_cache_suffix: str | None = None
+    #: ``--network_module`` when none is given
+    default_network_module: str = "networks.lora"
+    #: latent cache files name their keys with the latent size (``latents_<h>x<w>``; FLUX, SD3)
+    latent_cache_suffixed_keys: bool = False
+    #: bucket sides must be multiples of this (None: of the latent stride); FLUX packs 2x2 latents: 16
+    bucket_reso_multiple: int | None = None
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args: argparse.Namespace) -> None:
@@ -104,6 +115,30 @@ class ModelFamily(abc.ABC):
         """The inverse of :meth:`text_encoder_outputs_to_cache`: batched cached tensors -> what
         :meth:`predict` takes as ``conditioning``, on ``device`` in ``dtype``."""
         raise NotImplementedError(f"{type(self).__name__} cannot cache text encoder outputs")
+
+    def text_encoder_cache_settings(self, args: argparse.Namespace) -> dict[str, bool | float]:
+        """Flags the cached text-encoder outputs depend on, stored in every cache file; a file made with
+        other values is re-encoded (FLUX: ``apply_t5_attn_mask``). Default: none."""
+        return {}
+
+    # --- placing the models --------------------------------------------------------------------
+    def place_denoiser(self, models: FamilyModels, args: argparse.Namespace, device: torch.device) -> None:
+        """Move the (already cast) denoiser to ``device`` for training. Families with block swap
+        (``--blocks_to_swap``) keep the swapped blocks on the CPU here."""
+        models.denoiser.to(device)
+
+    def fp8_text_encoders(self, models: FamilyModels,
+                          args: argparse.Namespace) -> list[tuple[torch.nn.Module, Callable[[str], bool] | None]]:
+        """Text encoders whose weights ``--fp8_base`` (not ``--fp8_base_unet``) also stores in float8,
+        each with the ``skip(module_path)`` of ``store_in_fp8`` (default: none)."""
+        return []
+
+    def enable_gradient_checkpointing(self, models: FamilyModels, args: argparse.Namespace, train_te: bool) -> None:
+        """``--gradient_checkpointing``: the denoiser's blocks (and the text encoders' when trained)."""
+        models.denoiser.enable_gradient_checkpointing()
+        if train_te:
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
 
     # --- output --------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -6,6 +6,7 @@ import datetime
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -59,16 +60,19 @@ def allow_fp16_gradients(accelerator: Accelerator) -> None:
     scaler._unscale_grads_ = unscale
 
 
-def store_in_fp8(model: torch.nn.Module) -> int:
+def store_in_fp8(model: torch.nn.Module, skip: Callable[[str], bool] | None = None) -> int:
     """Store the weights of ``model``'s Linear and Conv2d layers as float8_e4m3fn (``--fp8_base``).
 
     Those layers hold nearly all the parameters; under autocast their matmuls/convolutions read the
     fp8 weights in the compute dtype. Norms and embeddings stay in the compute dtype because their
-    kernels (group_norm on CPU, embedding lookups) do not accept fp8 parameters.
+    kernels (group_norm on CPU, embedding lookups) do not accept fp8 parameters. ``skip(path)``
+    keeps a layer as it is (T5's ``wo``: transformers casts its input to the weight's dtype).
     Returns the number of layers converted.
     """
     count = 0
-    for module in model.modules():
+    for path, module in model.named_modules():
+        if skip is not None and skip(path):
+            continue
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             module.to(dtype=torch.float8_e4m3fn)
             count += 1

@@ -128,15 +128,20 @@ def snr_weighting(loss: torch.Tensor, snr: torch.Tensor, config: LossConfig) -> 
 
 def training_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, config: LossConfig, *,
                   loss_weights: torch.Tensor, alphas_cumprod: torch.Tensor | None = None,
-                  masks: torch.Tensor | None = None) -> torch.Tensor:
+                  masks: torch.Tensor | None = None, abar_t: torch.Tensor | None = None,
+                  weighting: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar loss of a batch (steps 1-5 of the module docstring), in float32.
 
     ``alphas_cumprod`` is the family's whole ``abar`` table already on the loss device (indexed,
-    never copied); families without one (flow matching) pass None and cannot use SNR options.
+    never copied). Families without one (flow matching) may pass the per-sample ``abar_t`` of the
+    same signal-to-noise ratio instead (for the Huber ``snr`` schedule; the SNR weightings of step
+    4 are DDPM-only and refused by those families). ``weighting`` [B] multiplies the per-sample
+    losses after step 3 (flow matching's ``--weighting_scheme``).
     """
     pred, target = pred.float(), target.float()
-    abar_t = None
-    if alphas_cumprod is not None and config.needs_snr:
+    if abar_t is not None:
+        abar_t = abar_t.to(pred.device).float()
+    elif alphas_cumprod is not None and config.needs_snr:
         abar_t = alphas_cumprod[timesteps.to(alphas_cumprod.device)].to(pred.device).float()
     c = huber_c(config, timesteps.to(pred.device), abar_t) if config.loss_type in ("huber", "smooth_l1") else None
     loss = element_loss(pred, target, config.loss_type, c)
@@ -144,6 +149,8 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Ten
         loss = apply_mask(loss, masks)
     loss = loss.mean(dim=list(range(1, loss.ndim)))
     loss = loss * loss_weights.to(device=loss.device, dtype=loss.dtype)
+    if weighting is not None:
+        loss = loss * weighting.to(device=loss.device, dtype=loss.dtype)
     if config.needs_snr and (config.min_snr_gamma or config.scale_v_pred_loss_like_noise_pred
                              or config.v_pred_like_loss or config.debiased_estimation_loss):
         if abar_t is None:
@@ -151,3 +158,12 @@ def training_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Ten
                              "DDPM model family (one with alphas_cumprod)")
         loss = snr_weighting(loss, abar_t / (1.0 - abar_t), config)
     return loss.mean()
+
+
+def prediction_loss(prediction, config: LossConfig, *, loss_weights: torch.Tensor,
+                    masks: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`training_loss` of a family's :class:`~library.families.base.Prediction` (what the
+    trainer and the validation loss both call, so the two cannot drift apart)."""
+    return training_loss(prediction.pred, prediction.target, prediction.timesteps, config, loss_weights=loss_weights,
+                         alphas_cumprod=prediction.alphas_cumprod, masks=masks, abar_t=prediction.abar_t,
+                         weighting=prediction.weighting)

@@ -30,7 +30,7 @@ from library.log import setup_logging
 from library.training import metadata as md
 from library.training.accelerator import allow_fp16_gradients, make_accelerator, store_in_fp8, weight_dtypes
 from library.training.data_order import EpochShuffleSampler, make_dataloader
-from library.training.loss import LossConfig, training_loss
+from library.training.loss import LossConfig, prediction_loss
 from library.training.loss_log import LossLog
 from library.training.network_extras import MaxNormLog, merge_base_weights
 from library.training.optimizer import (choose_optimizer, lr_log_values, make_lr_scheduler, make_optimizer,
@@ -122,7 +122,8 @@ class NetworkTrainer:
         tokenize = self.family.make_tokenize_fn(models, args)
         # With cached text-encoder outputs the batches need no token ids: the workers do not tokenize.
         train_group, val_group = build_dataset_group(args, tokenize=None if cache_te else tokenize,
-                                                     latents_stride=self.family.latents_stride)
+                                                     latents_stride=self.family.latents_stride,
+                                                     bucket_reso_steps_multiple=self.family.bucket_reso_multiple)
         if args.debug_dataset:
             from library.data.dataset import debug_dataset
 
@@ -193,7 +194,8 @@ class NetworkTrainer:
         encode = lambda images: self.family.encode_images(models, images.to(accelerator.device))  # noqa: E731
         with torch.no_grad():
             group.cache_latents(encode, vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
-                                skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix)
+                                skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix,
+                                suffixed_keys=self.family.latent_cache_suffixed_keys)
         vae.to("cpu")  # the VAE is not needed again until sampling: free the device memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -226,7 +228,8 @@ class NetworkTrainer:
         to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
         options = dict(batch_size=getattr(args, "text_encoder_batch_size", None) or args.train_batch_size,
                        to_disk=to_disk, skip_cache_check=args.skip_cache_check,
-                       suffix=self.family.text_encoder_cache_suffix, expected_shapes=te_cache.probe_shapes(encode))
+                       suffix=self.family.text_encoder_cache_suffix, expected_shapes=te_cache.probe_shapes(encode),
+                       settings=self.family.text_encoder_cache_settings(args))
         for group in groups:
             if to_disk and accelerator.num_processes > 1:  # each process writes its share of the files
                 group.cache_text_encoder_outputs(encode, process_index=accelerator.process_index,
@@ -242,7 +245,8 @@ class NetworkTrainer:
 
     def create_network(self, args, models: FamilyModels):
         try:
-            module = importlib.import_module(args.network_module or "networks.lora")
+            args.network_module = args.network_module or self.family.default_network_module  # also in the metadata
+            module = importlib.import_module(args.network_module)
         except ImportError as e:
             raise ArgumentError(f"--network_module {args.network_module}: cannot import it ({e})") from e
         network_args = parse_network_args(args.network_args)
@@ -277,19 +281,24 @@ class NetworkTrainer:
             model.requires_grad_(False)
         models.vae.requires_grad_(False)
         models.vae.eval()
-        _place(models.denoiser, accelerator.device, weight_dtype)
+        # Cast (and store in fp8) on the CPU before moving: the full-precision denoiser may not fit the
+        # device, and with --blocks_to_swap part of it never moves there.
+        _place(models.denoiser, "cpu", weight_dtype)
+        fp8 = args.fp8_base or args.fp8_base_unet
+        if fp8:
+            logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
+        self.family.place_denoiser(models, args, accelerator.device)
         for te in models.text_encoders:
             # Cached outputs: the encoders wait on the CPU (in the dtype they would run in) for sampling.
             _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, weight_dtype)
+        if fp8 and not args.fp8_base_unet:
+            for te, skip in self.family.fp8_text_encoders(models, args):
+                logger.info("--fp8_base: %d %s layers store float8 weights", store_in_fp8(te, skip),
+                            type(te).__name__)
         if not args.cache_latents:
             _place(models.vae, accelerator.device, torch.float32 if args.no_half_vae else weight_dtype)
-        if args.fp8_base or args.fp8_base_unet:
-            logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
         if args.gradient_checkpointing:
-            models.denoiser.enable_gradient_checkpointing()
-            if train_te:
-                for te in models.text_encoders:
-                    te.gradient_checkpointing_enable()
+            self.family.enable_gradient_checkpointing(models, args, train_te)
             network.enable_gradient_checkpointing()
         if args.torch_compile:
             # Compiled after the network is applied, so the LoRA forwards are part of the graph. The
@@ -505,9 +514,8 @@ class NetworkTrainer:
                 with torch.set_grad_enabled(train_te):
                     conditioning = self.family.encode_text(models, batch, args)
             prediction = self.family.predict(models, latents, conditioning, batch, args)
-        return training_loss(prediction.pred, prediction.target, prediction.timesteps, self.loss_config,
-                             loss_weights=batch["loss_weights"], alphas_cumprod=prediction.alphas_cumprod,
-                             masks=batch.get("alpha_masks"))
+        return prediction_loss(prediction, self.loss_config, loss_weights=batch["loss_weights"],
+                               masks=batch.get("alpha_masks"))
 
     def lr_logs(self, lr_scheduler) -> dict:
         return lr_log_values(self.optimizer, lr_scheduler, self.lr_names)

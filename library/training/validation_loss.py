@@ -131,7 +131,7 @@ def family_batch_losses(family, models, args, accelerator,
     training loss (``--loss_type``, masks, SNR weightings), so the two curves are comparable;
     otherwise ``loss_fn`` per sample times the batch's loss weights.
     """
-    from library.training.loss import training_loss
+    from library.training.loss import prediction_loss
 
     device = accelerator.device
 
@@ -160,8 +160,8 @@ def family_batch_losses(family, models, args, accelerator,
                 steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
                 prediction = family.predict(models, latents, conditioning, batch, args, timesteps=steps, noise=noise)
                 if loss_config is not None:
-                    loss = training_loss(prediction.pred, prediction.target, steps, loss_config, loss_weights=weights,
-                                         alphas_cumprod=prediction.alphas_cumprod, masks=batch.get("alpha_masks"))
+                    loss = prediction_loss(prediction, loss_config, loss_weights=weights,
+                                           masks=batch.get("alpha_masks"))
                 else:
                     loss = (loss_fn(prediction.pred, prediction.target) * weights).mean()
                 out.append(float(loss))

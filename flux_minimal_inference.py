@@ -1,0 +1,67 @@
+"""Generate images with FLUX.1 dev/schnell and optional LoRAs (kohya-ss/sd-scripts' flags).
+
+    python flux_minimal_inference.py --ckpt_path flux1-dev.safetensors --clip_l clip_l.safetensors \
+        --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --tokenizer_cache_dir tokenizers \
+        --prompt "a photo of sks dog" --steps 28 --guidance 3.5 --seed 1 --output_dir outputs \
+        --lora_weights my_flux_lora.safetensors;0.9
+
+Images are written as ``<output_dir>/flux_<YYYYmmdd_HHMMSS>_<seed>.png`` with the prompt and the
+settings in PNG text chunks. See docs/flux_train_network.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with FLUX.1 (dev/schnell) and LoRAs")
+    p.add_argument("--ckpt_path", type=str, required=True, help="FLUX DiT file (BFL layout, .safetensors)")
+    p.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
+                   help="model type (chroma: not supported yet)")
+    p.add_argument("--clip_l", type=str, required=True, help="CLIP-L text encoder file")
+    p.add_argument("--t5xxl", type=str, required=True, help="T5-XXL text encoder file")
+    p.add_argument("--ae", type=str, required=True, help="FLUX autoencoder file (ae.safetensors)")
+    p.add_argument("--tokenizer_cache_dir", type=str, default=None,
+                   help="folder holding google_t5-v1_1-xxl (the T5 tokenizer) for offline use")
+    p.add_argument("--apply_t5_attn_mask", action="store_true", help="mask T5 padding tokens (as in training)")
+    p.add_argument("--t5xxl_max_token_length", type=int, default=None,
+                   help="T5 tokens (default 512 for dev, 256 for schnell)")
+    p.add_argument("--prompt", type=str, default="A photo of a cat", help="prompt")
+    p.add_argument("--negative_prompt", type=str, default="", help="negative prompt (used when --cfg_scale != 1)")
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1.0 = off)")
+    p.add_argument("--guidance", type=float, default=3.5, help="embedded guidance of FLUX.1 dev")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 for schnell, 50 for dev)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (random if unset)")
+    p.add_argument("--width", type=int, default=1024, help="image width (multiple of 16)")
+    p.add_argument("--height", type=int, default=1024, help="image height (multiple of 16)")
+    p.add_argument("--output_dir", type=str, default=".", help="where images are written")
+    p.add_argument("--dtype", type=str, default="bfloat16", choices=DTYPES, help="dtype of every model")
+    for name in ("clip_l", "t5xxl", "ae", "flux"):
+        p.add_argument(f"--{name}_dtype", type=str, default=None, choices=DTYPES,
+                       help=f"dtype of the {name} model (default --dtype)")
+    p.add_argument("--device", type=str, default=None, help="device (default cuda when available, else cpu)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep each model on the CPU except while it runs (less VRAM, slower)")
+    p.add_argument("--lora_weights", type=str, nargs="*", default=[],
+                   help="LoRA files as 'path' or 'path;multiplier'")
+    p.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
+    p.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
+    p.add_argument("--console_log_simple", action="store_true", help="plain log lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = setup_parser().parse_args(argv)
+    if args.model_type == "chroma":
+        raise SystemExit("error: --model_type chroma is not supported yet: only FLUX.1 dev/schnell")
+    from library.generation.flux import run  # torch loads only once the flags are good
+
+    run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,36 @@
+"""Train a LoRA (or any network module) for FLUX.1 dev/schnell.
+
+    accelerate launch flux_train_network.py --pretrained_model_name_or_path flux1-dev.safetensors \
+        --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \
+        --dataset_config dataset.toml --output_dir out --output_name my_flux_lora \
+        --network_module networks.lora_flux --network_train_unet_only --cache_text_encoder_outputs
+
+Same flags as kohya-ss/sd-scripts' flux_train_network.py; see docs/flux_train_network.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from library.args import setup_flux_network_parser
+from library.config_file import parse_args_with_config
+from library.log import setup_logging
+
+
+def setup_parser():
+    return setup_flux_network_parser()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = setup_parser()
+    args = parse_args_with_config(parser, argv)
+    setup_logging(args)
+    # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
+    from library.families.flux.family import FluxFamily
+    from library.training.trainer import NetworkTrainer
+
+    NetworkTrainer(FluxFamily()).train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

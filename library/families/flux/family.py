@@ -1,0 +1,245 @@
+"""FLUX.1 (dev/schnell) as a model family of the shared training loop.
+
+What differs from the U-Net families, all behind the :class:`~library.families.base.ModelFamily`
+methods: the models come from four files (DiT, ``--ae``, ``--clip_l``, ``--t5xxl``); latents are
+the AE's 16-channel latents already scaled and shifted (what kohya's ``_flux.npz`` caches hold) and
+packed 2x2 into tokens for the DiT; the text conditioning is CLIP-L's pooled vector plus T5's
+hidden states; the objective is rectified flow (:mod:`library.training.flow_matching`); dev models
+get the embedded guidance ``--guidance_scale``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from library.args import ArgumentError
+from library.families.base import FamilyModels, ModelFamily, Prediction
+from library.families.flux import text as flux_text
+from library.families.flux.text import FluxTextConditioning
+from library.families.sd.family import parse_resolution
+
+logger = logging.getLogger(__name__)
+
+MODELSPEC_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+
+#: DDPM-only flags: flow matching has no alphas_cumprod table to weight or perturb with
+_DDPM_ONLY_FLAGS = ("min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+                    "debiased_estimation_loss", "noise_offset", "multires_noise_iterations", "zero_terminal_snr",
+                    "v_parameterization", "v2")
+
+
+def _network_arg_true(args, key: str) -> bool:
+    for item in getattr(args, "network_args", None) or []:
+        name, _, value = item.partition("=")
+        if name.strip() == key and value.strip().lower() in ("true", "1", "yes"):
+            return True
+    return False
+
+
+class FluxFamily(ModelFamily):
+    latents_stride = 8
+    latent_cache_suffix = "_flux"
+    latent_cache_suffixed_keys = True
+    bucket_reso_multiple = 16  # 8x AE, then 2x2 patches
+    tracker_name = "network_train"
+    text_encoder_cache_suffix = "_flux_te.npz"
+    default_network_module = "networks.lora_flux"
+
+    def __init__(self) -> None:
+        #: set by load_models from the DiT's weights; the metadata names the variant
+        self.guidance_embed: bool | None = None
+
+    # --- set-up --------------------------------------------------------------------------------
+    def validate_args(self, args) -> None:
+        if args.model_type == "chroma":
+            raise ArgumentError("--model_type chroma is not supported yet: only FLUX.1 dev/schnell models train here")
+        for name in ("ae", "clip_l", "t5xxl"):
+            value = getattr(args, name)
+            if not value:
+                raise ArgumentError(f"--{name} is required for FLUX.1: the path of the {name} .safetensors file")
+            if not os.path.isfile(value):
+                raise ArgumentError(f"--{name} {value}: no such file")
+        if args.network_module in ("networks.lora", "networks.dylora", "networks.oft"):
+            raise ArgumentError(f"--network_module {args.network_module} is for SD/SDXL U-Nets; FLUX.1 LoRAs use "
+                                "--network_module networks.lora_flux")
+        for name in _DDPM_ONLY_FLAGS:
+            if getattr(args, name, None):
+                raise ArgumentError(f"--{name} does not apply to FLUX.1 (rectified flow, not DDPM): remove it; the "
+                                    "flow-matching options are --timestep_sampling and --weighting_scheme")
+        if getattr(args, "weighted_captions", False):
+            raise ArgumentError("--weighted_captions is not supported for FLUX.1 (T5 has no prompt weights here): "
+                                "remove it")
+        for name in ("min_timestep", "max_timestep"):
+            if getattr(args, name, None) is not None:
+                logger.warning("--%s is ignored for FLUX.1 (as in the reference); shape the timesteps with "
+                               "--timestep_sampling", name)
+        if args.clip_skip is not None:
+            logger.warning("--clip_skip is ignored for FLUX.1: it uses CLIP-L's pooled output")
+        if args.max_token_length is not None:
+            logger.warning("--max_token_length is ignored for FLUX.1: set the T5 length with --t5xxl_max_token_length")
+        if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
+            raise ArgumentError(f"--t5xxl_max_token_length {args.t5xxl_max_token_length} must be 1 or more")
+        if args.split_mode:
+            logger.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
+            args.blocks_to_swap = args.blocks_to_swap or 18
+        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
+            raise ArgumentError(f"--blocks_to_swap {args.blocks_to_swap} must be 0 or more")
+        if args.blocks_to_swap and args.cpu_offload_checkpointing:
+            raise ArgumentError("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: keep one")
+        if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+            raise ArgumentError("--cpu_offload_checkpointing needs --gradient_checkpointing")
+        if args.fp8_base_unet:
+            args.fp8_base = True  # the reference: fp8 for the DiT implies --fp8_base
+        if _network_arg_true(args, "train_t5xxl") and (getattr(args, "cache_text_encoder_outputs", False)
+                                                      or getattr(args, "cache_text_encoder_outputs_to_disk", False)):
+            raise ArgumentError("--network_args train_t5xxl=True trains T5, so its outputs cannot be cached: drop "
+                                "--cache_text_encoder_outputs(_to_disk)")
+        from library.training.flow_matching import FlowConfig
+
+        try:
+            FlowConfig.from_args(args)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_models(self, args, device, weight_dtype) -> FamilyModels:
+        from library.families.flux.loading import load_flux_models
+        from library.training.flow_matching import FlowConfig, FlowMatchingObjective
+
+        loaded = load_flux_models(args.pretrained_model_name_or_path, ae_path=args.ae, clip_l_path=args.clip_l,
+                                  t5_path=args.t5xxl, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                                  dtype=weight_dtype, mmap=not args.disable_mmap_load_safetensors)
+        self.guidance_embed = loaded.config.guidance_embed
+        if args.t5xxl_max_token_length is None:
+            args.t5xxl_max_token_length = flux_text.default_t5_max_length(self.guidance_embed)
+        objective = FlowMatchingObjective(FlowConfig.from_args(args))
+        return FamilyModels(denoiser=loaded.flux, vae=loaded.ae, text_encoders=[loaded.clip_l, loaded.t5],
+                            tokenizers=[loaded.clip_tokenizer, loaded.t5_tokenizer],
+                            extra={"objective": objective, "flux": loaded})
+
+    def make_tokenize_fn(self, models: FamilyModels, args):
+        clip_tokenizer, t5_tokenizer = models.tokenizers
+        return functools.partial(flux_text.tokenize, clip_tokenizer, t5_tokenizer,
+                                 t5_max_length=args.t5xxl_max_token_length)
+
+    def place_denoiser(self, models: FamilyModels, args, device) -> None:
+        flux = models.denoiser
+        if args.blocks_to_swap:
+            flux.enable_block_swap(args.blocks_to_swap, torch.device(device))
+            flux.move_to_device_except_swap_blocks(torch.device(device))
+        else:
+            flux.to(device)
+
+    def fp8_text_encoders(self, models: FamilyModels, args):
+        # T5's feed-forward casts its hidden states to wo's weight dtype: keep wo out of fp8.
+        return [(models.text_encoders[1], lambda path: path.endswith(".wo"))]
+
+    def enable_gradient_checkpointing(self, models: FamilyModels, args, train_te: bool) -> None:
+        models.denoiser.enable_gradient_checkpointing(cpu_offload=bool(args.cpu_offload_checkpointing))
+        if train_te:
+            for te in models.text_encoders:
+                te.gradient_checkpointing_enable()
+
+    # --- per step ------------------------------------------------------------------------------
+    def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
+        from library.families.flux.autoencoder import encode_latents
+
+        return encode_latents(models.vae, images)
+
+    def encode_text(self, models: FamilyModels, batch: dict, args) -> FluxTextConditioning:
+        clip_l, t5 = models.text_encoders
+        ids = batch.get("input_ids")
+        if ids is None:  # e.g. text-encoder caching without a worker-side tokenizer
+            clip_tokenizer, t5_tokenizer = models.tokenizers
+            ids = flux_text.tokenize(clip_tokenizer, t5_tokenizer, batch["captions"], args.t5xxl_max_token_length)
+        ids = {k: v.to(t5.device) for k, v in ids.items()}
+        return flux_text.encode(clip_l, t5, ids, apply_t5_attn_mask=args.apply_t5_attn_mask)
+
+    def predict(self, models: FamilyModels, latents, conditioning: FluxTextConditioning, batch, args, *,
+                timesteps=None, noise=None) -> Prediction:
+        from library.families.flux.model import image_ids, pack_latents, text_ids, unpack_latents
+
+        objective = models.extra["objective"]
+        flux = models.denoiser
+        batch_size, _, height, width = latents.shape
+        device = latents.device
+        # Given noise (validation) is used as it is: no input perturbation.
+        perturb = noise is None
+        noise = objective.sample_noise(latents) if noise is None else noise.to(latents)
+        if timesteps is None:
+            sigmas, timesteps = objective.sample_sigmas(batch_size, device, image_seq_len=(height // 2) * (width // 2))
+        else:
+            sigmas = objective.sigmas_from_timesteps(timesteps.to(device))
+            timesteps = sigmas * 1000
+        noisy, _ = objective.noisy_and_target(latents, noise, sigmas, perturb=perturb)
+
+        dtype = conditioning.t5_out.dtype  # the compute dtype (the DiT may store its weights in fp8)
+        guidance = None
+        if flux.config.guidance_embed:
+            guidance = torch.full((batch_size,), float(args.guidance_scale), device=device, dtype=dtype)
+        mask = conditioning.t5_attn_mask if args.apply_t5_attn_mask else None
+        out = flux(pack_latents(noisy).to(dtype), image_ids(batch_size, height, width, device=device, dtype=dtype),
+                   conditioning.t5_out, text_ids(batch_size, conditioning.t5_out.shape[1], device=device, dtype=dtype),
+                   sigmas.to(dtype), conditioning.l_pooled.to(dtype), guidance, txt_attention_mask=mask)
+        # Unpacked again, so masks and the loss see [B, C, h, w] like every other family.
+        out = unpack_latents(out.float(), height, width)
+        flow = objective.precondition(out, noisy, sigmas, latents, noise)
+        return Prediction(pred=flow.pred, target=flow.target, timesteps=timesteps,
+                          abar_t=objective.abar_equivalent(sigmas), weighting=flow.weighting)
+
+    # --- text-encoder output cache -------------------------------------------------------------
+    def text_encoder_outputs_to_cache(self, conditioning: FluxTextConditioning) -> dict[str, torch.Tensor]:
+        # kohya's ``_flux_te.npz`` keys (txt_ids are always zeros; kept so the files are kohya's).
+        t5_out = conditioning.t5_out
+        return {"l_pooled": conditioning.l_pooled, "t5_out": t5_out,
+                "txt_ids": torch.zeros(t5_out.shape[0], t5_out.shape[1], 3, dtype=torch.float32),
+                "t5_attn_mask": conditioning.t5_attn_mask.bool()}
+
+    def conditioning_from_cache(self, models, cached, args, device, dtype) -> FluxTextConditioning:
+        return FluxTextConditioning(cached["l_pooled"], cached["t5_out"], cached["t5_attn_mask"].bool()).to(device, dtype)
+
+    def text_encoder_cache_settings(self, args) -> dict[str, bool | float]:
+        return {"apply_t5_attn_mask": bool(args.apply_t5_attn_mask)}
+
+    # --- output --------------------------------------------------------------------------------
+    def _variant(self) -> str:
+        return "schnell" if self.guidance_embed is False else "dev"
+
+    def metadata(self, args) -> dict[str, str]:
+        md = {"ss_v2": "False", "ss_base_model_version": "flux1", "ss_model_type": str(args.model_type)}
+        for name in ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                     "guidance_scale", "timestep_sampling", "sigmoid_scale", "model_prediction_type",
+                     "discrete_flow_shift"):
+            md[f"ss_{name}"] = str(getattr(args, name))
+        return md
+
+    def modelspec(self, args, timestamp: float) -> dict[str, str]:
+        from library.training.metadata import modelspec_metadata
+
+        return modelspec_metadata(args, architecture=f"flux-1-{self._variant()}/lora",
+                                  implementation=MODELSPEC_IMPLEMENTATION,
+                                  resolution=parse_resolution(args.resolution, 1024), prediction_type=None,
+                                  timestamp=timestamp, title_default=f"LoRA@{int(timestamp)}")
+
+    def sample_defaults(self, args):
+        from library.families.flux.generation import flux_prompt_defaults
+
+        return flux_prompt_defaults(args.sample_sampler)
+
+    def sample_image(self, models: FamilyModels, prompt, generator, args, device, dtype):
+        from library.families.flux.generation import FluxSampler
+
+        clip_l, t5 = models.text_encoders
+        sampler = FluxSampler(models.denoiser, models.vae, clip_l, t5, *models.tokenizers,
+                              t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask)
+        compute_dtype = t5.dtype if t5.dtype != torch.float8_e4m3fn else torch.bfloat16
+        with torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype,
+                            enabled=compute_dtype != torch.float32):
+            return sampler.generate(prompt, generator=generator, device=device, dtype=compute_dtype)
+
+    def network_text_encoders(self, models: FamilyModels):
+        return list(models.text_encoders)  # [CLIP-L, T5]: lora_te1_ and (train_t5xxl) lora_te3_

@@ -1,0 +1,112 @@
+"""Loading a FLUX.1 training setup from the files users have: DiT, AE, CLIP-L, T5-XXL, tokenizers.
+
+``--pretrained_model_name_or_path`` is the DiT single file in the BFL layout (``flux1-dev.safetensors``,
+``flux1-schnell.safetensors``, fp32/bf16/fp16/fp8 e4m3fn weights, optionally under
+``model.diffusion_model.``); ``--ae``, ``--clip_l`` and ``--t5xxl`` are separate files. Nothing is
+downloaded: the CLIP tokenizer is built offline, the T5 tokenizer comes from
+``--tokenizer_cache_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.families.flux.model import Flux, FluxConfig, strip_flux_prefix
+from library.families.sd.checkpoint.common import CheckpointError
+from library.families.sd.loading import read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _checked_flux_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    state_dict = strip_flux_prefix(state_dict)
+    if not any(k.startswith("double_blocks.") for k in state_dict):
+        hint = ""
+        if any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
+            hint = " It looks like a LoRA: pass it with --network_weights."
+        elif any(k.startswith("transformer_blocks.") for k in state_dict):
+            hint = (" It looks like a Diffusers FluxTransformer2DModel; use the original BFL single file "
+                    "(flux1-dev.safetensors / flux1-schnell.safetensors).")
+        elif any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in state_dict):
+            hint = " It looks like an SD3 model: use sd3_train_network.py."
+        elif any(k.startswith(("model.diffusion_model.input_blocks.", "input_blocks.")) for k in state_dict):
+            hint = " It looks like an SD/SDXL checkpoint: use train_network.py or sdxl_train_network.py."
+        raise CheckpointError(f"{path}: not a FLUX.1 DiT file (no double_blocks.* keys).{hint}")
+    return state_dict
+
+
+def load_flux_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  mmap: bool = True) -> Flux:
+    """The DiT of a BFL single file, config read from its shapes, weights cast to ``dtype``.
+
+    fp8 files are upcast to ``dtype`` (training stores them in fp8 again with ``--fp8_base``;
+    bf16 holds every e4m3fn value exactly). The model is built on the ``meta`` device and the file's
+    tensors are assigned, so a 12B model is never allocated twice.
+    """
+    path = Path(path)
+    state_dict = _checked_flux_state_dict(read_checkpoint(path, mmap=mmap), path)
+    config = FluxConfig.from_state_dict(state_dict)
+    with torch.device("meta"):
+        model = Flux(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: the FLUX DiT file lacks {len(missing)} tensors, e.g. {missing[:3]}; "
+                              "the file is incomplete or of another model")
+    if unexpected:
+        logger.warning("%s: %d tensors are not part of the FLUX DiT and are ignored, e.g. %s", path,
+                       len(unexpected), unexpected[:3])
+    for key, value in expected.items():
+        if tuple(state_dict[key].shape) != tuple(value.shape):
+            raise CheckpointError(f"{path}: {key} has shape {list(state_dict[key].shape)}, expected "
+                                  f"{list(value.shape)} for the configuration read from the file")
+    weights = {k: state_dict[k].to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(weights, strict=True, assign=True)
+    logger.info("FLUX DiT %s: %s, %d double + %d single blocks, hidden %d, %s", path.name,
+                "dev (guidance embedding)" if config.guidance_embed else "schnell (no guidance embedding)",
+                config.depth, config.depth_single_blocks, config.hidden_size, dtype)
+    return model.eval()
+
+
+@dataclass
+class FluxModels:
+    """Everything a FLUX LoRA run loads."""
+
+    flux: Flux
+    ae: Any
+    clip_l: Any
+    t5: Any
+    clip_tokenizer: Any
+    t5_tokenizer: Any
+
+    @property
+    def config(self) -> FluxConfig:
+        return self.flux.config
+
+
+def load_flux_models(dit_path: str, *, ae_path: str, clip_l_path: str, t5_path: str,
+                     tokenizer_cache_dir: str | None, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", mmap: bool = True) -> FluxModels:
+    """DiT, AE (float32: it runs once per image while caching), CLIP-L, T5-XXL and both tokenizers."""
+    from library.families.flux.autoencoder import load_flux_ae
+    from library.families.sd.tokenizer import load_clip_tokenizer
+    from library.families.t5_tokenizer import load_t5_tokenizer
+    from library.families.text_encoder_files import load_clip_l, load_t5xxl
+
+    flux = load_flux_dit(dit_path, dtype=dtype, device=device, mmap=mmap)
+    ae = load_flux_ae(ae_path, dtype=torch.float32, device=device, mmap=mmap)
+    clip_l = load_clip_l(clip_l_path, dtype=dtype, device=device, mmap=mmap)
+    t5 = load_t5xxl(t5_path, dtype=dtype, device=device, mmap=mmap)
+    clip_tokenizer = load_clip_tokenizer(v2=False, cache_dir=tokenizer_cache_dir)
+    t5_tokenizer = load_t5_tokenizer(tokenizer_cache_dir)
+    if len(t5_tokenizer) > t5.config.vocab_size:
+        raise CheckpointError(f"the T5 tokenizer has {len(t5_tokenizer)} tokens but the --t5xxl model {t5_path} only "
+                              f"{t5.config.vocab_size}: the tokenizer folder is not T5-XXL's")
+    return FluxModels(flux, ae, clip_l, t5, clip_tokenizer, t5_tokenizer)
