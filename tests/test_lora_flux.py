@@ -532,6 +532,22 @@ def test_two_text_encoder_lrs_with_train_t5xxl():
     network.restore()
 
 
+@pytest.mark.parametrize("apply_text_encoder, expected", [(True, ["textencoder1", "unet"]), (False, ["unet"])])
+def test_two_text_encoder_lrs_without_t5_modules(apply_text_encoder, expected):
+    # FLUX always has two text-encoder slots, so `--text_encoder_lr a b` is valid without train_t5xxl
+    # (and with --network_train_unet_only); the T5 lr then has nothing to apply to.
+    flux = _tiny_flux()
+    encoders = _tiny_encoders()
+    network = create_network(1.0, DIM, ALPHA, None, encoders, flux)
+    network.apply_to(encoders, flux, apply_text_encoder=apply_text_encoder, apply_unet=True)
+    groups, descriptions = network.prepare_optimizer_params_with_multiple_te_lrs([1e-4, 2e-4], 1e-3, 1e-3)
+    assert descriptions == expected
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3][-len(expected):]
+    with pytest.raises(ValueError, match="text_encoder_lr"):
+        network.prepare_optimizer_params([1e-4, 2e-4, 3e-4], 1e-3, 1e-3)
+    network.restore()
+
+
 def test_one_text_encoder_lr_covers_both_encoders():
     flux = _tiny_flux()
     encoders = _tiny_encoders()
@@ -610,13 +626,13 @@ def test_loraplus_ratios_make_plus_groups():
         {"textencoder": 1e-4, "textencoder plus": 2e-4, "unet": 1e-3, "unet plus": 8e-3})
 
 
-def test_create_network_from_weights_honours_dropouts_and_loraplus(tmp_path):
+def test_create_network_from_weights_honours_dropouts_and_loraplus():
     flux = _tiny_flux()
     network = create_network(1.0, DIM, ALPHA, None, None, flux)
     weights = network.state_dict()
     loaded, _ = create_network_from_weights(1.0, None, None, None, flux, weights_sd=weights, rank_dropout="0.1",
                                             module_dropout="0.2", dropout="0.3", loraplus_unet_lr_ratio="16")
-    assert {(l.dropout, l.rank_dropout, l.module_dropout) for l in loaded.loras} == {(0.3, 0.1, 0.2)}
+    assert {(m.dropout, m.rank_dropout, m.module_dropout) for m in loaded.loras} == {(0.3, 0.1, 0.2)}
     _, descriptions = loaded.prepare_optimizer_params(None, 1e-3, 1e-3)
     assert descriptions == ["unet", "unet plus"]
 
