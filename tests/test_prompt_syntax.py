@@ -339,7 +339,10 @@ def test_weight_scales_only_its_token(tok, te):
     torch.testing.assert_close(weighted[0, others], base[0, others], rtol=0, atol=0)
 
     original = encode_prompts(tok, te, ["a (cat:1.5) sitting"])
-    assert original.mean().item() == pytest.approx(base.mean().item(), rel=1e-4)
+    # The encoder ends in a LayerNorm, so the overall mean is float noise around 0: compare it on the
+    # scale of the values, and check that "original" is one common rescaling of the weighted output.
+    scale = base.abs().mean().item()
+    assert abs(original.mean().item() - base.mean().item()) <= 1e-5 * scale
     ratio = original[0] / weighted[0]
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0, 0].item()))
     absolute = encode_prompts(tok, te, ["a (cat:1.5) sitting"], emb_normalize_mode="abs")
