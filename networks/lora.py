@@ -61,7 +61,7 @@ from networks.lora_blocks import (
 )
 from networks.lora_diagnostics import format_key_list, guess_lora_kind
 from networks.lora_modules import LoRAModule, is_lora_target_layer
-from networks.lora_network import LoRANetwork, PlannedModule, load_weights_file, rename_lora_keys
+from networks.lora_network import LoRANetwork, PlannedModule, rename_lora_keys, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -555,11 +555,7 @@ def create_network_from_weights(
     file is renamed to SGM names; the returned ``weights_sd`` carries the file-format names (what
     ``merge_to`` and ``load_weights`` of this network expect).
     """
-    source = str(file) if file is not None else "weights"
-    if weights_sd is None:
-        if file is None:
-            raise ValueError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = load_weights_file(file)
+    source, weights_sd = weights_of(file, weights_sd)
     args = parse_network_args(kwargs)
     scopes = sd_scopes(text_encoder, unet)
     aliases = name_aliases(scopes)

@@ -54,7 +54,7 @@ from networks.lora import (
     _network_from_plan, clip_text_file_path, plan_from_weights, parse_network_args as parse_common_args,
 )
 from networks.lora_modules import LoRAModule
-from networks.lora_network import LoRANetwork, PlannedModule, load_weights_file
+from networks.lora_network import LoRANetwork, PlannedModule, weights_of
 
 logger = logging.getLogger(__name__)
 
@@ -387,11 +387,7 @@ def create_network_from_weights(
     T5 may be adapted, so files of other trainers in kohya's format load. ``lora_te3_`` keys load
     into T5. ``for_inference`` puts the network in eval mode without gradients.
     """
-    source = str(file) if file is not None else "weights"
-    if weights_sd is None:
-        if file is None:
-            raise ValueError("create_network_from_weights needs a file or weights_sd")
-        weights_sd = load_weights_file(file)
+    source, weights_sd = weights_of(file, weights_sd)
     common = _common_args(kwargs)
     scopes = flux_scopes(text_encoders, flux)
     planned = plan_from_weights(scopes, weights_sd, source)

@@ -23,7 +23,7 @@ from networks.lora_modules import LoRAModule, lora_delta_weight
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlannedModule", "LoRANetwork", "load_weights_file", "rename_lora_keys"]
+__all__ = ["PlannedModule", "LoRANetwork", "load_weights_file", "rename_lora_keys", "weights_of"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ def load_weights_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a LoRA state dict (expected a mapping of names to tensors)")
     return state
+
+
+def weights_of(file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None
+               ) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """``(source name for messages, state dict)`` of ``create_network_from_weights``' two ways of
+    passing weights: a file, or an already loaded ``weights_sd`` (which wins)."""
+    source = str(file) if file is not None else "weights"
+    if weights_sd is None:
+        if file is None:
+            raise ValueError("create_network_from_weights needs a file or weights_sd")
+        weights_sd = load_weights_file(file)
+    return source, weights_sd
 
 
 def rename_lora_keys(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
