@@ -50,30 +50,30 @@ def test_a_truncated_dit_names_what_is_missing(tmp_path):
         load_flux_dit(path)
 
 
-def test_t5_in_fp8_keeps_wo_so_large_activations_survive():
+def test_t5_in_fp8_keeps_wo_so_its_input_is_not_quantized():
     """--fp8_base stores T5's Linear weights in fp8 except the feed-forward ``wo``: transformers casts
-    wo's input to wo's weight dtype, and T5's feed-forward activations exceed fp8's range (448)."""
+    wo's input to wo's weight dtype, which would clip T5's large feed-forward activations at fp8's
+    448 and round them to 3 mantissa bits."""
     from library.demo.tiny_flux_encoders import build_tiny_t5
     from library.training.accelerator import store_in_fp8
 
     ids = torch.randint(0, 451, (2, 12), generator=torch.Generator().manual_seed(0))
 
-    def run(skip):
-        t5 = build_tiny_t5(451, seed=0)
-        with torch.no_grad():
-            for block in t5.encoder.block:  # activations in the thousands, as in the real T5-XXL
-                block.layer[1].DenseReluDense.wi_1.weight.mul_(3000.0)
-                block.layer[1].DenseReluDense.wo.weight.div_(3000.0)
-        t5 = t5.to(torch.bfloat16).eval()
+    def wo_input_dtypes(skip):
+        t5 = build_tiny_t5(451, seed=0).to(torch.bfloat16).eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             reference = t5(input_ids=ids).last_hidden_state.float()
             converted = store_in_fp8(t5, skip)
-            return reference, t5(input_ids=ids).last_hidden_state.float(), converted, t5
+            seen = []
+            for block in t5.encoder.block:
+                block.layer[1].DenseReluDense.wo.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+            out = t5(input_ids=ids).last_hidden_state.float()
+        return seen, converted, t5, (out - reference).abs().mean() / reference.abs().mean()
 
-    reference, kept, converted, t5 = run(lambda path: path.endswith(".wo"))
+    seen, converted, t5, error = wo_input_dtypes(lambda path: path.endswith(".wo"))
     assert converted == 2 * 6  # 2 layers x (q, k, v, o, wi_0, wi_1)
-    assert all(m.weight.dtype == torch.bfloat16 for n, m in t5.named_modules() if n.endswith(".wo"))
     assert t5.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float8_e4m3fn
-    assert torch.isfinite(reference).all() and torch.isfinite(kept).all()
-    _, all_fp8, _, _ = run(None)
-    assert not torch.isfinite(all_fp8).all()  # what keeping wo out of fp8 prevents
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert 0 < error < 0.3  # fp8 weights: close to bf16, not equal
+    seen, _, _, _ = wo_input_dtypes(None)
+    assert seen == [torch.float8_e4m3fn, torch.float8_e4m3fn]  # what skipping wo prevents
