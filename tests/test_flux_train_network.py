@@ -271,3 +271,14 @@ def test_minimal_inference_applies_and_merges_loras(tmp_path, trained, tiny_flux
     assert np.abs(applied - base).mean() > 1.0
     assert np.abs(merged - applied).max() <= 3
     assert np.array_equal(off, base)
+
+
+def test_train_t5xxl_trains_t5_modules_too(tmp_path, tiny_flux, dataset):
+    out = tmp_path / "out"
+    run_script(SCRIPT, flux_args(tiny_flux, out, dataset[0], max_train_steps=2, network_args=["train_t5xxl=True"],
+                                 text_encoder_lr=["1e-3", "2e-3"]))
+    saved = load_file(str(out / "lora.safetensors"))
+    t5_ups = [v for k, v in saved.items() if k.startswith("lora_te3_") and k.endswith("lora_up.weight")]
+    assert len(t5_ups) == 2 * 7  # 2 layers x (q, k, v, o, wi_0, wi_1, wo)
+    assert all(v.abs().sum() > 0 for v in t5_ups)  # trained away from the zero init
+    assert any(k.startswith("lora_te1_") for k in saved)
