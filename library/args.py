@@ -395,6 +395,33 @@ def add_flux_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split_mode", action="store_true", help="deprecated: same as --blocks_to_swap 18")
 
 
+def add_sd3_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of sd3_train_network.py (kohya's ``add_sd3_training_arguments``)."""
+    g = parser.add_argument_group("SD3 / SD3.5")
+    g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (default: from the checkpoint)")
+    g.add_argument("--clip_g", type=str, default=None, help="CLIP-G text encoder file (default: from the checkpoint)")
+    g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (default: from the checkpoint)")
+    g.add_argument("--save_clip", action="store_true", help="no effect (as in the reference); kept for old scripts")
+    g.add_argument("--save_t5xxl", action="store_true", help="no effect (as in the reference); kept for old scripts")
+    g.add_argument("--t5xxl_device", type=str, default=None, help="no effect (as in the reference)")
+    g.add_argument("--t5xxl_dtype", type=str, default=None, help="no effect (as in the reference)")
+    g.add_argument("--t5xxl_max_token_length", type=int, default=256, help="T5 tokens per caption (default 256)")
+    g.add_argument("--apply_lg_attn_mask", action="store_true",
+                   help="zero the CLIP-L/CLIP-G outputs at padding tokens")
+    g.add_argument("--apply_t5_attn_mask", action="store_true",
+                   help="run T5 with its attention mask and zero its outputs at padding tokens")
+    for name in ("clip_l", "clip_g", "t5"):
+        g.add_argument(f"--{name}_dropout_rate", type=float, default=0.0,
+                       help=f"probability of dropping the {name.upper().replace('_', '-')} conditioning of a sample "
+                            "(also with cached outputs)")
+    g.add_argument("--pos_emb_random_crop_rate", type=float, default=0.0,
+                   help="probability of a random instead of centred crop of the position embedding")
+    g.add_argument("--enable_scaled_pos_embed", action="store_true",
+                   help="scale the position embedding to the image size (SD3.5 Medium multi-resolution training)")
+    g.add_argument("--training_shift", type=float, default=1.0,
+                   help="shift of the training timestep distribution: t' = s t / (1 + (s - 1) t)")
+
+
 def setup_network_parser() -> argparse.ArgumentParser:
     """The parser of train_network.py (SD 1.x/2.x LoRA)."""
     parser = argparse.ArgumentParser(description="Train a LoRA (or another network module) for Stable Diffusion 1.x/2.x")
@@ -426,4 +453,13 @@ def setup_flux_network_parser() -> argparse.ArgumentParser:
     parser.description = "Train a LoRA (or another network module) for FLUX.1 dev/schnell"
     add_dit_training_arguments(parser)
     add_flux_training_arguments(parser)
+    return parser
+
+
+def setup_sd3_network_parser() -> argparse.ArgumentParser:
+    """The parser of sd3_train_network.py: train_network.py's flags plus the DiT and SD3 ones."""
+    parser = setup_network_parser()
+    parser.description = "Train a LoRA (or another network module) for SD3 / SD3.5"
+    add_dit_training_arguments(parser)
+    add_sd3_training_arguments(parser)
     return parser

@@ -42,19 +42,18 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from networks.lora import (
-    DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, TEXT_ENCODER_TARGET_CLASSES, ModelScope, _arg_value,
-    _network_from_plan, clip_text_file_path, plan_from_weights, parse_network_args as parse_common_args,
+from networks.lora import DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, ModelScope, _arg_value
+from networks.lora_dit import (
+    SplitLoRAModule, TextEncoderSpec, assemble_network, common_args, linears, network_from_weights, parse_block_indices,
+    parse_rank_list, plan_text_encoder_modules, text_encoder_scopes,
 )
-from networks.lora_modules import LoRAModule
-from networks.lora_network import LoRANetwork, PlannedModule, weights_of
+from networks.lora_network import LoRANetwork, PlannedModule
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ LORA_PREFIX_CLIP_L = "lora_te1"
 LORA_PREFIX_T5 = "lora_te3"
 
 DIT_TARGET_CLASSES = ("DoubleStreamBlock", "SingleStreamBlock")
-T5_TARGET_CLASSES = ("T5Attention", "T5DenseGatedActDense")
 
 #: the layer types the per-type ranks address, by their path inside a block
 _DOUBLE_TYPES = {"img_attn.qkv": "img_attn_dim", "img_attn.proj": "img_attn_dim", "img_mlp.0": "img_mlp_dim",
@@ -87,34 +85,7 @@ _FLUX_KEYS = frozenset({"train_blocks", "train_double_block_indices", "train_sin
 
 # --- network_args ----------------------------------------------------------------------------
 
-def parse_block_indices(text: str | None, count: int, key: str) -> list[int]:
-    """``"all"`` / ``"none"`` / ``"0,2,5-10"`` -> sorted block indices in ``[0, count)``."""
-    if text is None or text.strip().lower() in ("", "all"):
-        return list(range(count))
-    if text.strip().lower() == "none":
-        return []
-    indices: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not match:
-            raise ValueError(f"--network_args {key}={text!r}: '{part}' is not an index or a range like 5-10")
-        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-        if low > high or high >= count:
-            raise ValueError(f"--network_args {key}={text!r}: '{part}' is outside the model's {count} blocks "
-                             f"(0-{count - 1})")
-        indices.update(range(low, high + 1))
-    return sorted(indices)
-
-
-def _parse_in_dims(text: str | None) -> tuple[int, ...] | None:
-    if text is None or not str(text).strip():
-        return None
-    values = [v.strip() for v in str(text).strip().strip("[]").split(",") if v.strip()]
-    if len(values) != len(IN_DIM_MODULES) or not all(v.isdigit() for v in values):
-        raise ValueError(f"--network_args in_dims={text!r}: give 5 ranks [img,time,vector,guidance,txt], "
-                         "e.g. in_dims=[4,0,0,0,4] (0 = no LoRA on that embedder)")
-    return tuple(int(v) for v in values)
+IN_DIM_NAMES = ("img", "time", "vector", "guidance", "txt")
 
 
 @dataclass(frozen=True)
@@ -144,45 +115,27 @@ def parse_flux_network_args(kwargs: Mapping[str, object]) -> FluxNetworkArgs:
         train_double_block_indices=kwargs.get("train_double_block_indices"),
         train_single_block_indices=kwargs.get("train_single_block_indices"),
         type_dims=type_dims,
-        in_dims=_parse_in_dims(kwargs.get("in_dims")),
+        in_dims=parse_rank_list(kwargs.get("in_dims"), "in_dims", IN_DIM_NAMES),
         split_qkv=bool(_arg_value(kwargs, "split_qkv", bool)),
         train_t5xxl=bool(_arg_value(kwargs, "train_t5xxl", bool)),
     )
 
 
 def _common_args(kwargs: Mapping[str, object]):
-    # networks.lora warns about keys it does not know; the FLUX keys are known here.
-    return parse_common_args({k: v for k, v in kwargs.items() if k not in _FLUX_KEYS})
+    return common_args(kwargs, _FLUX_KEYS)
 
 
 # --- scopes ----------------------------------------------------------------------------------
 
-def _as_list(text_encoders) -> list[nn.Module | None]:
-    if text_encoders is None:
-        return []
-    if isinstance(text_encoders, (list, tuple)):
-        return list(text_encoders)
-    return [text_encoders]
+TEXT_ENCODERS = (TextEncoderSpec(LORA_PREFIX_CLIP_L, "clip"), TextEncoderSpec(LORA_PREFIX_T5, "t5"))
 
 
 def flux_scopes(text_encoders, flux: nn.Module | None, *, include_t5: bool = True) -> list[ModelScope]:
     """Scopes of ``[CLIP-L, T5-XXL]`` (either may be None) and the DiT, with the file-format prefixes."""
-    encoders = _as_list(text_encoders)
-    scopes = []
-    if len(encoders) > 0 and encoders[0] is not None:
-        scopes.append(ModelScope(LORA_PREFIX_CLIP_L, encoders[0], TEXT_ENCODER_TARGET_CLASSES, te_index=0,
-                                 file_path=clip_text_file_path(encoders[0])))
-    if include_t5 and len(encoders) > 1 and encoders[1] is not None:
-        scopes.append(ModelScope(LORA_PREFIX_T5, encoders[1], T5_TARGET_CLASSES, te_index=1))
+    scopes = text_encoder_scopes(text_encoders, TEXT_ENCODERS, include=(True, include_t5))
     if flux is not None:
         scopes.append(ModelScope(LORA_PREFIX_FLUX, flux, DIT_TARGET_CLASSES))
     return scopes
-
-
-def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    for path, layer in module.named_modules():
-        if isinstance(layer, nn.Linear):
-            yield path, layer
 
 
 def _split_sizes(path: str, layer: nn.Linear, flux: nn.Module) -> tuple[int, ...] | None:
@@ -223,7 +176,7 @@ def plan_dit_modules(flux: nn.Module, dim: int, alpha: float, args: FluxNetworkA
         groups.append(("single_blocks", single_blocks, indices, _SINGLE_TYPES))
     for kind, blocks, indices, types in groups:
         for index in indices:
-            for sub, layer in _linears(blocks[index]):
+            for sub, layer in linears(blocks[index]):
                 key = types.get(sub)
                 if key is None:
                     raise ValueError(f"networks.lora_flux: {kind}.{index}.{sub} is not a layer of the BFL FLUX "
@@ -239,98 +192,6 @@ def plan_dit_modules(flux: nn.Module, dim: int, alpha: float, args: FluxNetworkA
                 if rank:
                     add(path, modules[path], rank)
     return planned
-
-
-def plan_text_encoder_modules(scopes: Sequence[ModelScope], dim: int, alpha: float) -> list[PlannedModule]:
-    planned = []
-    for scope in scopes:
-        if scope.te_index is None:
-            continue
-        for block_path, block in scope.root.named_modules():
-            if not any(cls.__name__ in scope.target_classes for cls in type(block).__mro__):
-                continue
-            for sub, layer in _linears(block):
-                path = ".".join(p for p in (block_path, sub) if p)
-                planned.append(PlannedModule(scope.lora_name(path), layer, dim, alpha, scope.te_index))
-    return planned
-
-
-# --- split q/k/v -----------------------------------------------------------------------------
-
-class SplitLoRAModule(LoRAModule):
-    """A LoRA on a fused layer (``qkv``, ``linear1``) trained as one independent LoRA per part.
-
-    Stored as one standard LoRA of rank ``parts x r`` whose ``lora_up`` is block-diagonal: part
-    ``i``'s outputs only see rank channels ``i*r .. (i+1)*r``. The mask is applied in the forward
-    (and off-diagonal weights start at zero and get zero gradient), so the file needs no
-    conversion to load anywhere a FLUX LoRA loads.
-    """
-
-    def __init__(self, *args, split_sizes: Sequence[int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        parts = len(split_sizes)
-        if self.lora_dim % parts or sum(split_sizes) != self.lora_up.weight.shape[0]:
-            raise ValueError(f"{self.lora_name}: split sizes {list(split_sizes)} do not fit rank {self.lora_dim} "
-                             f"and {self.lora_up.weight.shape[0]} outputs")
-        rank = self.lora_dim // parts
-        mask = torch.zeros_like(self.lora_up.weight)
-        start = 0
-        for i, size in enumerate(split_sizes):
-            mask[start:start + size, i * rank:(i + 1) * rank] = 1.0
-            start += size
-        self.register_buffer("up_mask", mask, persistent=False)
-        self.register_load_state_dict_post_hook(SplitLoRAModule._mask_loaded_up)
-
-    def _masked_up(self, lx: torch.Tensor) -> torch.Tensor:
-        weight = self.lora_up.weight * self.up_mask.to(self.lora_up.weight.dtype)
-        return nn.functional.linear(lx, weight)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        org_out = self.org_forward(x, *args, **kwargs)
-        if self.training and self.module_dropout and torch.rand((), device="cpu") < self.module_dropout:
-            return org_out
-        lx = self.lora_down(x)
-        scale = self.scale
-        if self.training:
-            if self.dropout:
-                lx = nn.functional.dropout(lx, p=self.dropout, training=True)
-            if self.rank_dropout:
-                keep = torch.rand((lx.shape[0],) + (1,) * (lx.dim() - 2) + (self.lora_dim,), device=lx.device)
-                lx = lx * (keep >= self.rank_dropout).to(lx.dtype)
-                scale = scale / (1.0 - self.rank_dropout)
-        return org_out + self._masked_up(lx) * (self.multiplier * scale)
-
-    @staticmethod
-    def _mask_loaded_up(module: "SplitLoRAModule", incompatible_keys) -> None:
-        # A load_state_dict *post* hook: torch loads a module's own tensors before its children's,
-        # so in _load_from_state_dict lora_up would still hold its old values.
-        with torch.no_grad():
-            weight = module.lora_up.weight
-            if weight.is_meta:
-                return
-            # A file from a plain LoRA has dense up weights; the split network can only hold the
-            # block-diagonal part, so say what is dropped instead of silently changing it.
-            outside = (weight * (1 - module.up_mask.to(weight.dtype))).abs().sum()
-            if float(outside) > 0:
-                logger.warning("%s: the file's lora_up is not block-diagonal; split_qkv keeps only the "
-                               "per-part blocks", module.lora_name)
-                weight.mul_(module.up_mask.to(weight.dtype))
-
-
-def _use_split_modules(network: LoRANetwork, splits: Mapping[str, tuple[PlannedModule, tuple[int, ...]]],
-                       multiplier: float, dropout, common) -> None:
-    """Replace the planned plain modules of fused layers by :class:`SplitLoRAModule` s."""
-    for index, lora in enumerate(network.unet_loras):
-        if lora.lora_name not in splits:
-            continue
-        # The alpha comes from the plan, not from the module's buffer: reading a buffer is a host
-        # sync, and impossible for a shape-only (meta) model.
-        plan, sizes = splits[lora.lora_name]
-        split = SplitLoRAModule(lora.lora_name, lora.org_module, multiplier, plan.rank,
-                                plan.alpha, dropout=dropout, rank_dropout=common.rank_dropout,
-                                module_dropout=common.module_dropout, split_sizes=sizes)
-        network.add_module(lora.lora_name, split)
-        network.unet_loras[index] = split
 
 
 # --- the plug-in API -------------------------------------------------------------------------
@@ -358,17 +219,11 @@ def create_network(
     if dim <= 0:
         raise ValueError(f"--network_dim must be a positive integer, got {network_dim}")
     scopes = flux_scopes(text_encoders, None, include_t5=flux_args.train_t5xxl)
-    planned = plan_text_encoder_modules(scopes, dim, alpha)
     dit_plan = plan_dit_modules(flux, dim, alpha, flux_args) if flux is not None else []
-    planned += [plan for plan, _ in dit_plan]
     dropout = neuron_dropout if neuron_dropout is not None else common.dropout
-    network = _network_from_plan(planned, multiplier, dropout, common)
-    splits = {plan.lora_name: (plan, sizes) for plan, sizes in dit_plan if sizes}
-    if splits:
-        _use_split_modules(network, splits, multiplier, dropout, common)
-    network.train_t5xxl = flux_args.train_t5xxl
-    network.num_text_encoders = 2  # --text_encoder_lr CLIP-L T5, whether or not T5 has modules
-    return network
+    # --text_encoder_lr takes CLIP-L's and T5's lr, whether or not T5 has modules
+    return assemble_network(plan_text_encoder_modules(scopes, dim, alpha), dit_plan, multiplier=multiplier,
+                            dropout=dropout, common=common, num_text_encoders=2, train_t5xxl=flux_args.train_t5xxl)
 
 
 def create_network_from_weights(
@@ -387,15 +242,6 @@ def create_network_from_weights(
     T5 may be adapted, so files of other trainers in kohya's format load. ``lora_te3_`` keys load
     into T5. ``for_inference`` puts the network in eval mode without gradients.
     """
-    source, weights_sd = weights_of(file, weights_sd)
-    common = _common_args(kwargs)
-    scopes = flux_scopes(text_encoders, flux)
-    planned = plan_from_weights(scopes, weights_sd, source)
-    network = _network_from_plan(planned, multiplier, common.dropout, common)
-    network.load_state_dict_checked(weights_sd, source)
-    network.train_t5xxl = any(k.startswith(LORA_PREFIX_T5 + "_") for k in weights_sd)
-    network.num_text_encoders = 2
-    if for_inference:
-        network.eval()
-        network.requires_grad_(False)
-    return network, dict(weights_sd)
+    return network_from_weights(flux_scopes(text_encoders, flux), file, weights_sd, multiplier=multiplier,
+                                common=_common_args(kwargs), num_text_encoders=2, t5_prefix=LORA_PREFIX_T5,
+                                for_inference=for_inference)

@@ -25,7 +25,7 @@ from library.families.flux.model import (
     unpack_latents,
 )
 from library.families.flux import model as flux_model
-from library.families.flux.offload import BlockOffloader
+from library.families.offload import BlockOffloader
 from tests.reference import load_reference
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ and the guidance scale; the model multiplies both by 1000 before the sinusoidal 
 compute dtype is the dtype of the ``img`` input (or autocast's).
 
 Memory options for training: ``enable_gradient_checkpointing(cpu_offload=...)`` and
-``enable_block_swap(n, device)`` (see ``offload.py``).
+``enable_block_swap(n, device)`` (see ``library/families/offload.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from library.families.flux.offload import BlockOffloader, save_on_cpu_async
+from library.families.offload import BlockOffloader, save_on_cpu_async
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 TIMESTEP_EMBED_DIM = 256
