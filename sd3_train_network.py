@@ -12,8 +12,7 @@ from __future__ import annotations
 import sys
 
 from library.args import setup_sd3_network_parser
-from library.config_file import parse_args_with_config
-from library.log import setup_logging
+from library.training.entry import main as train_main
 
 
 def setup_parser():
@@ -21,14 +20,7 @@ def setup_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = setup_parser()
-    args = parse_args_with_config(parser, argv)
-    setup_logging(args)
-    # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
-    from library.families.sd3.family import SD3Family
-    from library.training.trainer import NetworkTrainer
-
-    NetworkTrainer(SD3Family()).train(args)
+    train_main(setup_parser, "library.families.sd3.family:SD3Family", argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 
 from library.args import setup_network_parser
-from library.config_file import parse_args_with_config
-from library.log import setup_logging
+from library.training.entry import main as train_main
 
 
 def setup_parser():
@@ -20,14 +19,7 @@ def setup_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = setup_parser()
-    args = parse_args_with_config(parser, argv)
-    setup_logging(args)
-    # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
-    from library.families.sd.family import StableDiffusionFamily
-    from library.training.trainer import NetworkTrainer
-
-    NetworkTrainer(StableDiffusionFamily()).train(args)
+    train_main(setup_parser, "library.families.sd.family:StableDiffusionFamily", argv)
 
 
 if __name__ == "__main__":

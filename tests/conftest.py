@@ -67,3 +67,20 @@ def tiny_flux_schnell(tmp_path_factory):
     from library.demo.tiny_flux import write_tiny_flux_setup
 
     return write_tiny_flux_setup(tmp_path_factory.mktemp("tiny_flux_schnell"), guidance_embed=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """A tiny SD3.5-Medium-style all-in-one checkpoint (MMDiT-X, VAE, CLIP-L, CLIP-G, T5) and tokenizer folder."""
+    from library.demo.tiny_sd3_encoders import write_tiny_sd3_setup
+
+    return write_tiny_sd3_setup(tmp_path_factory.mktemp("tiny_sd35m"), "sd35_medium")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_separate(tmp_path_factory):
+    """A tiny SD3-Medium checkpoint without text encoders, and the encoders as separate files."""
+    from library.demo.tiny_sd3_encoders import write_tiny_sd3_setup
+
+    return write_tiny_sd3_setup(tmp_path_factory.mktemp("tiny_sd3m"), "sd3_medium", with_text_encoders=False,
+                                separate_files=True)
