@@ -60,7 +60,7 @@ MMDIT_TARGET_CLASSES = ("JointBlock",)
 TYPE_DIM_KEYS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
 #: ``emb_dims`` order and the module paths each entry adapts
 EMB_NAMES = ("context", "t", "x", "y", "final_mod", "final_linear")
-EMB_MODULES = (("context_embedder",), ("t_embedder.mlp.0", "t_embedder.mlp.2"), ("x_embedder.proj",),
+EMB_MODULES = (("context_embedder",), ("x_embedder.proj",), ("t_embedder.mlp.0", "t_embedder.mlp.2"),
                ("y_embedder.mlp.0", "y_embedder.mlp.2"), ("final_layer.adaLN_modulation.1",), ("final_layer.linear",))
 
 _SD3_KEYS = frozenset({"train_block_indices", "emb_dims", "split_qkv", "train_t5xxl", *TYPE_DIM_KEYS})
