@@ -27,6 +27,8 @@ Which layers, and their names in the file (see ``reference/lora_keys.json`` ``sd
 * ``split_qkv``: ``True`` trains q, k and v of each fused ``qkv`` as separate low-rank updates,
   saved as one LoRA with a block-diagonal ``lora_up`` (the file format does not change).
 * ``train_t5xxl``: ``True`` adds the T5 modules (text-encoder output caching cannot be used then).
+* ``conv_dim``/``conv_alpha`` are accepted for compatibility and have no effect (the joint blocks
+  have no conv layers; the patch conv ``x_embedder.proj`` is adapted through ``emb_dims``).
 * ``dropout``, ``rank_dropout``, ``module_dropout``, the LoRA+ ratios and ``verbose`` as in
   ``networks.lora``.
 """
@@ -60,7 +62,7 @@ MMDIT_TARGET_CLASSES = ("JointBlock",)
 TYPE_DIM_KEYS = ("context_attn_dim", "context_mlp_dim", "context_mod_dim", "x_attn_dim", "x_mlp_dim", "x_mod_dim")
 #: ``emb_dims`` order and the module paths each entry adapts
 EMB_NAMES = ("context", "t", "x", "y", "final_mod", "final_linear")
-EMB_MODULES = (("context_embedder",), ("x_embedder.proj",), ("t_embedder.mlp.0", "t_embedder.mlp.2"),
+EMB_MODULES = (("context_embedder",), ("t_embedder.mlp.0", "t_embedder.mlp.2"), ("x_embedder.proj",),
                ("y_embedder.mlp.0", "y_embedder.mlp.2"), ("final_layer.adaLN_modulation.1",), ("final_layer.linear",))
 
 _SD3_KEYS = frozenset({"train_block_indices", "emb_dims", "split_qkv", "train_t5xxl", *TYPE_DIM_KEYS})
@@ -81,6 +83,10 @@ class SD3NetworkArgs:
 
 
 def parse_sd3_network_args(kwargs: Mapping[str, object]) -> SD3NetworkArgs:
+    """The SD3 keys of ``--network_args`` (strings or typed values); raises ``ValueError`` naming a bad key.
+
+    ``train_block_indices`` is kept as text: it is checked against the model's depth when planning.
+    """
     type_dims = tuple((k, _arg_value(kwargs, k, int, low=0)) for k in TYPE_DIM_KEYS
                       if _arg_value(kwargs, k, int, low=0) is not None)
     return SD3NetworkArgs(

@@ -727,13 +727,16 @@ def test_modules_train_with_dropouts():
         train_out = mmdit(**inputs)
     assert torch.isfinite(train_out).all()
     assert not torch.allclose(train_out, eval_out, atol=1e-4)  # the dropouts act in training mode
-    # the conv LoRA on the patch embedder trains with rank dropout too (its mask is per channel)
+    # the conv LoRA on the patch embedder trains with the dropouts too (its rank mask is per channel)
     x = inputs["x"]
-    lora = network.lora_unet_x_embedder_proj
+    conv = mmdit.x_embedder.proj
     with torch.no_grad():
         torch.manual_seed(1)
-        out = mmdit.x_embedder.proj(x)
-        assert out.shape == lora.org_forward(x).shape and torch.isfinite(out).all()
+        train_conv = conv(x)
+        network.eval()
+        eval_conv = conv(x)
+    assert train_conv.shape == eval_conv.shape and torch.isfinite(train_conv).all()
+    assert not torch.allclose(train_conv, eval_conv, atol=1e-4)
     network.restore()
 
 

@@ -1,16 +1,17 @@
-"""NetworkTrainer: the training loop of every network (LoRA, ...) trainer, written once.
+"""Trainer: the training loop of every trainer script (networks, fine-tuning, DreamBooth), written once.
 
-Read top to bottom, :meth:`NetworkTrainer.train` is the recipe: check flags, set up accelerate,
-load the family's models, build the data, cache latents (and text-encoder outputs), create the
-network, build the optimizer,
-then loop over epochs and steps, saving and sampling on schedule. Everything that depends on the
-model family goes through ``self.family`` (:class:`library.families.base.ModelFamily`); everything
-that depends on the network goes through the kohya plug-in API of ``--network_module``.
+Read top to bottom, :meth:`Trainer.train` is the recipe: check flags, set up accelerate, load the
+family's models, build the data, cache latents (and text-encoder outputs), create what is trained,
+build the optimizer, then loop over epochs and steps, saving and sampling on schedule. Everything
+that depends on the model family goes through ``self.family``
+(:class:`library.families.base.ModelFamily`); everything that depends on what is trained (a
+``--network_module`` network through the kohya plug-in API, or the model itself) goes through
+``self.target`` (:class:`library.training.targets.TrainingTarget`). ``NetworkTrainer(family)`` is the
+trainer of the ``*_train_network.py`` scripts.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -32,10 +33,11 @@ from library.training.accelerator import allow_fp16_gradients, make_accelerator,
 from library.training.data_order import EpochShuffleSampler, make_dataloader
 from library.training.loss import LossConfig, prediction_loss
 from library.training.loss_log import LossLog
-from library.training.network_extras import MaxNormLog, merge_base_weights
+from library.training.network_extras import MaxNormLog
 from library.training.optimizer import (choose_optimizer, lr_log_values, make_lr_scheduler, make_optimizer,
                                         optimizer_eval_mode, optimizer_train_mode, steps_per_epoch)
 from library.training.saving import SavePolicy, read_train_state, write_train_state
+from library.training.targets import NetworkTarget, TrainingTarget, parse_network_args  # noqa: F401 - re-export
 from library.training import trackers
 from library.training.validation_loss import ValidationRunner, ValidationSettings, family_batch_losses
 from library.training.validation import validate_training_args
@@ -58,17 +60,6 @@ class Schedule:
         return self.first_step // self.steps_per_epoch
 
 
-def parse_network_args(items: list[str] | None) -> dict[str, str]:
-    """``--network_args conv_dim=4 conv_alpha=1`` -> strings, split on the first ``=`` (plug-in API)."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ArgumentError(f"--network_args: '{item}' is not key=value")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def caches_text_encoder_outputs(args) -> bool:
     """``--cache_text_encoder_outputs`` (or ``_to_disk``); absent from parsers without the flags."""
     return bool(getattr(args, "cache_text_encoder_outputs", False)
@@ -88,9 +79,10 @@ def _place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
         model.to(dtype=dtype)
 
 
-class NetworkTrainer:
-    def __init__(self, family: ModelFamily):
+class Trainer:
+    def __init__(self, family: ModelFamily, target: TrainingTarget):
         self.family = family
+        self.target = target
         self.lr_names: list[str] | None = None
         self.optimizer = None  # set by train(): schedule-free optimizers switch to eval() around saves/samples
         self.loss_config: LossConfig | None = None  # built once from args in train()
@@ -101,6 +93,7 @@ class NetworkTrainer:
         setup_logging(args)
         validate_training_args(args)
         self.family.validate_args(args)
+        self.target.validate_args(args)
         cache_te = caches_text_encoder_outputs(args)
         if cache_te and self.family.text_encoder_cache_suffix is None:
             raise ArgumentError(f"--cache_text_encoder_outputs: this model family ({type(self.family).__name__}) "
@@ -143,14 +136,11 @@ class NetworkTrainer:
             if cache_te:
                 self.cache_text_encoder_outputs(args, models, tokenize, groups, accelerator, weight_dtype)
 
-        network, network_args = self.create_network(args, models)
-        train_unet = not args.network_train_text_encoder_only
-        train_te = not args.network_train_unet_only
-        self.prepare_models_for_training(args, models, network, accelerator, weight_dtype, train_te)
+        target = self.target
+        target.create(args, self.family, models)
+        self.prepare_models_for_training(args, models, accelerator, weight_dtype)
 
-        params = self.optimizer_params(args, network, train_unet)
-        # The plug-in API allows either the groups alone or (groups, names of the groups).
-        params, self.lr_names = params if isinstance(params, tuple) else (params, None)
+        params, self.lr_names = target.optimizer_params(args)
         optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
 
         num_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -163,8 +153,10 @@ class NetworkTrainer:
         lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
 
         if args.full_fp16 or args.full_bf16:
-            network.to(weight_dtype)
-        network, optimizer, dataloader, lr_scheduler = accelerator.prepare(network, optimizer, dataloader, lr_scheduler)
+            target.cast_for_full_precision(weight_dtype)
+        *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*target.modules(), optimizer, dataloader,
+                                                                              lr_scheduler)
+        target.set_prepared(prepared, accelerator)
         if args.full_fp16:
             allow_fp16_gradients(accelerator)
 
@@ -174,7 +166,7 @@ class NetworkTrainer:
         optimizer_train_mode(optimizer)  # a state is saved in eval mode; stepping needs train mode
 
         base_metadata = self.build_metadata(args, train_group, schedule, started_at, optimizer_choice.describe(),
-                                            network_args, accelerator,
+                                            target.metadata_args(), accelerator,
                                             num_validation_images=val_group.num_train_images if val_group else 0)
         if accelerator.is_main_process and trackers.uses_trackers(args):
             trackers.login_wandb(args)
@@ -182,10 +174,10 @@ class NetworkTrainer:
                                       config=self.tracker_config(args) if args.log_config else None,
                                       init_kwargs=trackers.tracker_init_kwargs(args))
         if val_group is not None:
-            self.validator = self.make_validator(args, accelerator, models, network, val_group, schedule)
+            self.validator = self.make_validator(args, accelerator, models, val_group, schedule)
 
-        self.loop(args, accelerator, models, network, optimizer, lr_scheduler, dataloader, train_group,
-                  schedule, policy, base_metadata, save_dtype, weight_dtype, train_te)
+        self.loop(args, accelerator, models, optimizer, lr_scheduler, dataloader, train_group, schedule, policy,
+                  base_metadata, save_dtype, weight_dtype)
 
     # ================================================================================= set-up
     def cache_latents(self, args, models: FamilyModels, group, accelerator) -> None:
@@ -243,54 +235,27 @@ class NetworkTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def create_network(self, args, models: FamilyModels):
-        try:
-            args.network_module = args.network_module or self.family.default_network_module  # also in the metadata
-            module = importlib.import_module(args.network_module)
-        except ImportError as e:
-            raise ArgumentError(f"--network_module {args.network_module}: cannot import it ({e})") from e
-        network_args = parse_network_args(args.network_args)
-        text_encoders = self.family.network_text_encoders(models)
-        if getattr(args, "base_weights", None):  # merged first: the new network trains on top of them
-            merge_base_weights(module, args.base_weights, args.base_weights_multiplier, models.vae, text_encoders,
-                               models.denoiser)
-        if args.dim_from_weights:
-            network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
-                                                            models.denoiser, **network_args)
-        else:
-            kwargs = dict(network_args)
-            if args.network_dropout is not None:
-                kwargs.setdefault("dropout", str(args.network_dropout))  # the name LyCORIS reads
-            network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
-                                            models.denoiser, neuron_dropout=args.network_dropout, **kwargs)
-        if network is None:
-            raise ArgumentError(f"--network_module {module.__name__}: create_network returned nothing")
-        if hasattr(network, "prepare_network"):
-            network.prepare_network(args)
-        network.apply_to(text_encoders, models.denoiser, not args.network_train_unet_only,
-                         not args.network_train_text_encoder_only)
-        if args.network_weights:
-            info = network.load_weights(args.network_weights)
-            logger.info("loaded network weights from %s: %s", args.network_weights, info)
-        return network, network_args
-
-    def prepare_models_for_training(self, args, models: FamilyModels, network, accelerator, weight_dtype,
-                                    train_te: bool) -> None:
-        """Frozen base models on the device in their dtype; checkpointing where asked."""
+    def prepare_models_for_training(self, args, models: FamilyModels, accelerator, weight_dtype) -> None:
+        """Frozen base models on the device in their dtype; checkpointing where asked; then the
+        target makes what it trains trainable."""
+        target = self.target
+        train_te = target.train_text_encoder
         for model in [models.denoiser, *models.text_encoders]:
             model.requires_grad_(False)
         models.vae.requires_grad_(False)
         models.vae.eval()
+        trained_dtype = target.trained_dtype(weight_dtype, args)
         # Cast (and store in fp8) on the CPU before moving: the full-precision denoiser may not fit the
         # device, and with --blocks_to_swap part of it never moves there.
-        _place(models.denoiser, "cpu", weight_dtype)
+        _place(models.denoiser, "cpu", trained_dtype if target.trains_denoiser_weights else weight_dtype)
         fp8 = args.fp8_base or args.fp8_base_unet
         if fp8:
             logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
         self.family.place_denoiser(models, args, accelerator.device)
+        te_dtype = trained_dtype if train_te and target.trains_denoiser_weights else weight_dtype
         for te in models.text_encoders:
             # Cached outputs: the encoders wait on the CPU (in the dtype they would run in) for sampling.
-            _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, weight_dtype)
+            _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, te_dtype)
         if fp8 and not args.fp8_base_unet:
             for te, skip in self.family.fp8_text_encoders(models, args):
                 logger.info("--fp8_base: %d %s layers store float8 weights", store_in_fp8(te, skip),
@@ -299,7 +264,6 @@ class NetworkTrainer:
             _place(models.vae, accelerator.device, torch.float32 if args.no_half_vae else weight_dtype)
         if args.gradient_checkpointing:
             self.family.enable_gradient_checkpointing(models, args, train_te)
-            network.enable_gradient_checkpointing()
         if args.torch_compile:
             # Compiled after the network is applied, so the LoRA forwards are part of the graph. The
             # accelerate-level compile would wrap the network module, whose forward is never called.
@@ -308,20 +272,7 @@ class NetworkTrainer:
         models.denoiser.train(args.gradient_checkpointing)
         for te in models.text_encoders:
             te.train(train_te and args.gradient_checkpointing)
-        network.prepare_grad_etc(self.family.network_text_encoders(models), models.denoiser)
-
-    @staticmethod
-    def optimizer_params(args, network, train_unet: bool):
-        """The network's parameter groups; ``--text_encoder_lr a b`` gives each text encoder its own lr
-        where the network module supports it (kohya's ``prepare_optimizer_params_with_multiple_te_lrs``)."""
-        te_lrs = list(args.text_encoder_lr or [])
-        unet_lr = args.unet_lr if train_unet else 0
-        if len(te_lrs) > 1:
-            if hasattr(network, "prepare_optimizer_params_with_multiple_te_lrs"):
-                return network.prepare_optimizer_params_with_multiple_te_lrs(te_lrs, unet_lr, args.learning_rate)
-            logger.warning("--network_module %s takes one text encoder learning rate; using the first of %s",
-                           args.network_module, te_lrs)
-        return network.prepare_optimizer_params(te_lrs[0] if te_lrs else None, unet_lr, args.learning_rate)
+        target.prepare_for_training(args, self.family, models)
 
     def make_schedule(self, args, num_batches: int, num_processes: int) -> Schedule:
         per_epoch = steps_per_epoch(num_batches, args.gradient_accumulation_steps, num_processes)
@@ -373,8 +324,7 @@ class NetworkTrainer:
         """Arguments safe to send to a tracker: no secrets, no absolute paths (see ``trackers``)."""
         return trackers.sanitized_config(args)
 
-    def make_validator(self, args, accelerator, models: FamilyModels, network, val_group,
-                       schedule: Schedule) -> ValidationRunner:
+    def make_validator(self, args, accelerator, models: FamilyModels, val_group, schedule: Schedule) -> ValidationRunner:
         """The validation-loss runner over ``val_group`` (fixed batches: epoch 1, warmup done)."""
         from library.data.collate import collate_batch
         from library.sampling.previews import eval_mode
@@ -390,13 +340,12 @@ class NetworkTrainer:
             settings=ValidationSettings.from_args(args), batches=lambda: iter(loader),
             batch_losses=family_batch_losses(self.family, models, args, accelerator, loss_config=self.loss_config,
                                              weight_dtype=weight_dtypes(args)[0]),
-            eval_context=lambda: eval_mode(models.denoiser, *models.text_encoders, network))
+            eval_context=lambda: eval_mode(models.denoiser, *models.text_encoders, *self.target.modules()))
 
     # ================================================================================= the loop
-    def loop(self, args, accelerator, models: FamilyModels, network, optimizer, lr_scheduler, dataloader,
-             group, schedule: Schedule, policy: SavePolicy, base_metadata, save_dtype, weight_dtype,
-             train_te: bool) -> None:
-        unwrapped = accelerator.unwrap_model(network)
+    def loop(self, args, accelerator, models: FamilyModels, optimizer, lr_scheduler, dataloader, group,
+             schedule: Schedule, policy: SavePolicy, base_metadata, save_dtype, weight_dtype) -> None:
+        target = self.target
         log = (lambda values, step: accelerator.log(values, step=step)) if trackers.uses_trackers(args) else None
         losses = LossLog(accelerator.device, window=schedule.steps_per_epoch, log=log)
         max_norm_value = getattr(args, "scale_weight_norms", None)
@@ -407,7 +356,7 @@ class NetworkTrainer:
         progress = tqdm(total=schedule.max_train_steps, initial=global_step, desc="steps",
                         disable=not accelerator.is_local_main_process, smoothing=0)
         if args.sample_at_first and global_step == 0:
-            self.sample(args, accelerator, models, network, step=0, epoch=None)
+            self.sample(args, accelerator, models, step=0, epoch=None)
 
         epoch = schedule.first_epoch
         for epoch in range(schedule.first_epoch, schedule.num_epochs):
@@ -415,28 +364,27 @@ class NetworkTrainer:
             dataloader.set_epoch(epoch)  # accelerate passes it on to the sampler: the order of this epoch
             if epoch == schedule.first_epoch and schedule.skip_batches:
                 sampler.skip_next(schedule.skip_batches * accelerator.num_processes)
-            unwrapped.on_epoch_start(self.family.network_text_encoders(models), models.denoiser)
+            target.on_epoch_start(self.family, models)
 
             for batch in dataloader:
                 group.set_current_step(global_step)
-                with accelerator.accumulate(network):
-                    loss = self.training_loss(args, accelerator, models, batch, train_te, weight_dtype)
+                with accelerator.accumulate(*target.modules()):
+                    loss = self.training_loss(args, accelerator, models, batch, target.train_text_encoder,
+                                              weight_dtype)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(unwrapped.get_trainable_params(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(target.trainable_parameters(), args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
-                if max_norm_value:
-                    # Once per optimizer step (not per accumulation micro-batch). The results stay on
-                    # the device; MaxNormLog reads a block of steps back at once, so max-norm costs
-                    # no host sync per step, and none at all when nothing is logged.
-                    norms = unwrapped.apply_max_norm_regularization(max_norm_value, accelerator.device)
-                    if max_norms is not None:
-                        max_norms.add(norms, global_step)
+                # Once per optimizer step (not per accumulation micro-batch): max-norm for networks,
+                # whose results stay on the device (MaxNormLog reads a block of steps back at once).
+                norms = target.after_optimizer_step(args, global_step, accelerator.device)
+                if norms is not None and max_norms is not None:
+                    max_norms.add(norms, global_step)
                 progress.update(1)
                 losses.add(loss, global_step)
                 if log is not None:
@@ -445,12 +393,12 @@ class NetworkTrainer:
                     progress.set_postfix(avr_loss=f"{losses.average:.4f}")
                 if policy.saves_at_step(global_step):
                     losses.flush()
-                    self.save(args, accelerator, unwrapped, policy, policy.step_stem(global_step), base_metadata,
+                    self.save(args, accelerator, policy, policy.step_stem(global_step), base_metadata,
                               save_dtype, epoch=epoch + 1, step=global_step, with_state=policy.save_state)
                     policy.prune_after_step_save(global_step)
                 if self.sample_due(args, step=global_step, epoch_end=False):
                     losses.flush()
-                    self.sample(args, accelerator, models, network, step=global_step, epoch=None)
+                    self.sample(args, accelerator, models, step=global_step, epoch=None)
                 if self.validator is not None and self.validator.settings.due_at_step(global_step):
                     losses.flush()
                     with optimizer_eval_mode(optimizer):
@@ -466,11 +414,11 @@ class NetworkTrainer:
                 with optimizer_eval_mode(optimizer):
                     self.validator.run(kind="epoch", step=epoch + 1, train_loss=epoch_mean, log=log)
             if policy.saves_at_epoch_end(epoch + 1, schedule.num_epochs):
-                self.save(args, accelerator, unwrapped, policy, policy.epoch_stem(epoch + 1), base_metadata,
+                self.save(args, accelerator, policy, policy.epoch_stem(epoch + 1), base_metadata,
                           save_dtype, epoch=epoch + 1, step=global_step, with_state=policy.save_state)
                 policy.prune_after_epoch_save(epoch + 1)
             if self.sample_due(args, step=global_step, epoch_end=True, epoch=epoch + 1):
-                self.sample(args, accelerator, models, network, step=global_step, epoch=epoch + 1)
+                self.sample(args, accelerator, models, step=global_step, epoch=epoch + 1)
             if global_step >= schedule.max_train_steps:
                 break
 
@@ -478,7 +426,7 @@ class NetworkTrainer:
         losses.flush()
         if max_norms is not None:
             max_norms.flush()
-        self.save(args, accelerator, unwrapped, policy, policy.final_stem(), base_metadata, save_dtype,
+        self.save(args, accelerator, policy, policy.final_stem(), base_metadata, save_dtype,
                   epoch=epoch + 1, step=global_step,
                   with_state=policy.save_state or policy.save_state_on_train_end)
         accelerator.end_training()
@@ -521,14 +469,14 @@ class NetworkTrainer:
         return lr_log_values(self.optimizer, lr_scheduler, self.lr_names)
 
     # ========================================================================= save and sample
-    def save(self, args, accelerator, network, policy: SavePolicy, stem: str, base_metadata, save_dtype, *,
+    def save(self, args, accelerator, policy: SavePolicy, stem: str, base_metadata, save_dtype, *,
              epoch: int, step: int, with_state: bool) -> None:
         accelerator.wait_for_everyone()
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
             if accelerator.is_main_process:
                 path = policy.model_path(stem)
                 metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=args.no_metadata)
-                network.save_weights(str(path), save_dtype, metadata)
+                self.target.save(path, save_dtype, metadata, epoch=epoch, step=step)
                 logger.info("saved %s", path)
             if with_state:
                 self.save_state(accelerator, policy.state_dir(stem), epoch=epoch, step=step)
@@ -557,7 +505,7 @@ class NetworkTrainer:
             return False
         return bool(args.sample_every_n_steps) and step % args.sample_every_n_steps == 0
 
-    def sample(self, args, accelerator, models: FamilyModels, network, *, step: int, epoch: int | None) -> None:
+    def sample(self, args, accelerator, models: FamilyModels, *, step: int, epoch: int | None) -> None:
         from library.sampling.previews import eval_mode, write_sample_images
         from library.sampling.prompts import load_prompts
 
@@ -574,7 +522,8 @@ class NetworkTrainer:
             with optimizer_eval_mode(self.optimizer):
                 write_sample_images(prompts, generate, output_dir=args.output_dir, output_name=args.output_name,
                                     step=step, epoch=epoch, device=device,
-                                    eval_context=eval_mode(models.denoiser, *models.text_encoders, network),
+                                    eval_context=eval_mode(models.denoiser, *models.text_encoders,
+                                                           *self.target.modules()),
                                     process_index=accelerator.process_index, num_processes=accelerator.num_processes)
         finally:
             if args.cache_latents:
@@ -584,3 +533,10 @@ class NetworkTrainer:
                     te.to("cpu")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+
+class NetworkTrainer(Trainer):
+    """The trainer of ``train_network.py`` and the other ``*_train_network.py`` scripts."""
+
+    def __init__(self, family: ModelFamily):
+        super().__init__(family, NetworkTarget())
