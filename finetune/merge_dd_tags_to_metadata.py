@@ -1,0 +1,56 @@
+"""Collect tag files (e.g. the WD14 tagger's ``.txt``) into a fine-tuning metadata JSON.
+
+    python finetune/merge_dd_tags_to_metadata.py train_data meta_cap_dd.json --in_json meta_cap.json
+    python finetune/merge_dd_tags_to_metadata.py train_data meta_dd.json --recursive
+
+For every image of ``train_data_dir`` the tag file ``<stem><caption_extension>`` (default
+``.txt``) is read (UTF-8) and stored as ``{"<key>": {"tags": "..."}}``; keys as in
+``merge_captions_to_metadata.py`` (stem, relative path with ``--recursive``, absolute path with
+``--full_path``). With ``--in_json`` (or when ``out_json`` already exists) the existing entries
+are kept (their captions too) and only ``tags`` is replaced. Images without a tag file (or with
+an empty one) are skipped with a warning. Training uses ``caption + caption_separator + tags``.
+Same positional arguments and flags as kohya-ss/sd-scripts; docs/finetune_metadata.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python finetune/...): make the repo importable
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from finetune.metadata_io import MergeReport, add_merge_arguments, run_merge  # noqa: E402  (torch-free)
+from library.args import add_logging_arguments  # noqa: E402
+from library.log import setup_logging  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Merge tag files into a fine-tuning metadata JSON.")
+    add_merge_arguments(parser, what="tags", default_extension=".txt")
+    add_logging_arguments(parser)
+    return parser
+
+
+def merge_tags(args: argparse.Namespace) -> MergeReport:
+    """Run the script on parsed ``args``; returns what was merged and skipped."""
+    return run_merge(args, field_name="tags")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = setup_parser().parse_args(argv)
+    setup_logging(args)
+    from library.data.errors import DatasetError
+
+    try:
+        merge_tags(args)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
