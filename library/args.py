@@ -422,6 +422,78 @@ def add_sd3_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shift of the training timestep distribution: t' = s t / (1 + (s - 1) t)")
 
 
+def add_fine_tune_arguments(parser: argparse.ArgumentParser, *, sdxl: bool = False, dreambooth: bool = False) -> None:
+    """Flags of the full fine-tuning scripts (kohya's ``add_sd_saving_arguments`` and the scripts' own)."""
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--save_model_as", type=str, default=None, choices=[None, "ckpt", "safetensors", "diffusers",
+                                                                      "diffusers_safetensors"],
+                   help="format of the saved model (default: the input model's)")
+    g.add_argument("--use_safetensors", action="store_true", help="save .safetensors when --save_model_as is unset")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+    g.add_argument("--diffusers_xformers", action="store_true", help="xformers attention (same as --xformers)")
+    if dreambooth:
+        g.add_argument("--stop_text_encoder_training", type=int, default=None,
+                       help="stop training the text encoder after this many steps (-1: never train it)")
+        g.add_argument("--no_token_padding", action="store_true",
+                       help="pad captions only to the longest one in the batch, not to 77 tokens")
+    else:
+        g.add_argument("--train_text_encoder", action="store_true", help="also train the text encoder(s)")
+    if sdxl:
+        g.add_argument("--learning_rate_te1", type=float, default=None,
+                       help="learning rate of text encoder 1 (default --learning_rate)")
+        g.add_argument("--learning_rate_te2", type=float, default=None,
+                       help="learning rate of text encoder 2 (default --learning_rate)")
+        g.add_argument("--block_lr", type=str, default=None,
+                       help="23 comma-separated learning rates, one per U-Net block (0 freezes a block)")
+        g.add_argument("--fused_backward_pass", action="store_true",
+                       help="update each weight during the backward pass and free its gradient (AdaFactor only)")
+        g.add_argument("--fused_optimizer_groups", type=int, default=None,
+                       help="split the weights into N optimizer groups stepped during the backward pass")
+    else:
+        g.add_argument("--learning_rate_te", type=float, default=None,
+                       help="learning rate of the text encoder (default --learning_rate)")
+
+
+def _fine_tune_base(description: str, *, dreambooth: bool, fine_tuning: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    add_logging_arguments(parser)
+    add_sd_models_arguments(parser)
+    add_model_spec_arguments(parser)
+    add_dataset_arguments(parser, support_dreambooth=dreambooth, support_caption=fine_tuning)
+    add_training_arguments(parser, support_dreambooth=dreambooth)
+    add_optimizer_arguments(parser)
+    add_validation_arguments(parser)
+    add_noise_and_loss_arguments(parser)
+    add_custom_train_arguments(parser)
+    add_masked_loss_arguments(parser)
+    return parser
+
+
+def setup_fine_tune_parser() -> argparse.ArgumentParser:
+    """The parser of fine_tune.py (SD 1.x/2.x, fine-tuning metadata datasets)."""
+    parser = _fine_tune_base("Fine-tune a Stable Diffusion 1.x/2.x model (U-Net, optionally the text encoder)",
+                             dreambooth=False, fine_tuning=True)
+    add_fine_tune_arguments(parser)
+    return parser
+
+
+def setup_db_parser() -> argparse.ArgumentParser:
+    """The parser of train_db.py (SD 1.x/2.x DreamBooth)."""
+    parser = _fine_tune_base("DreamBooth training of a Stable Diffusion 1.x/2.x model", dreambooth=True,
+                             fine_tuning=False)
+    add_fine_tune_arguments(parser, dreambooth=True)
+    return parser
+
+
+def setup_sdxl_train_parser() -> argparse.ArgumentParser:
+    """The parser of sdxl_train.py (SDXL fine-tuning and DreamBooth)."""
+    parser = _fine_tune_base("Fine-tune an SDXL model (U-Net, optionally both text encoders)", dreambooth=True,
+                             fine_tuning=True)
+    add_fine_tune_arguments(parser, sdxl=True)
+    add_sdxl_training_arguments(parser)
+    return parser
+
+
 def setup_network_parser() -> argparse.ArgumentParser:
     """The parser of train_network.py (SD 1.x/2.x LoRA)."""
     parser = argparse.ArgumentParser(description="Train a LoRA (or another network module) for Stable Diffusion 1.x/2.x")

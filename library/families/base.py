@@ -140,6 +140,28 @@ class ModelFamily(abc.ABC):
             for te in models.text_encoders:
                 te.gradient_checkpointing_enable()
 
+    # --- full checkpoints (fine-tuning; families that support it) ------------------------------
+    def checkpoint_state_dict(self, models) -> dict[str, torch.Tensor]:
+        """The models' current weights as one single file in the family's original layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a full checkpoint yet")
+
+    def checkpoint_prefixes(self) -> dict[str, tuple[str, ...]]:
+        """Key prefixes of the parts of a single file: ``{"denoiser": ..., "text_encoders": ..., "vae": ...}``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a full checkpoint yet")
+
+    def save_diffusers(self, models, folder, *, dtype: torch.dtype | None, safe_serialization: bool) -> None:
+        """Write the models as a Diffusers pipeline folder."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save a Diffusers folder yet")
+
+    def text_encoder_learning_rates(self, args: argparse.Namespace) -> list[float]:
+        """One learning rate per text encoder for fine-tuning (``--learning_rate_te``, default ``--learning_rate``)."""
+        lr = getattr(args, "learning_rate_te", None)
+        return [args.learning_rate if lr is None else lr]
+
+    def denoiser_parameter_blocks(self, models) -> dict[int, list[torch.nn.Parameter]]:
+        """The denoiser's parameters by block, for ``--block_lr``."""
+        raise NotImplementedError(f"{type(self).__name__} has no --block_lr blocks")
+
     # --- output --------------------------------------------------------------------------------
     @abc.abstractmethod
     def metadata(self, args: argparse.Namespace) -> dict[str, str]:

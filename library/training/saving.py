@@ -44,7 +44,7 @@ class SavePolicy:
         return cls(
             output_dir=Path(args.output_dir),
             output_name=args.output_name,
-            ext="." + (args.save_model_as or "safetensors"),
+            ext=model_extension(args.save_model_as),
             every_n_epochs=every_n_epochs,
             every_n_steps=args.save_every_n_steps,
             last_n_epochs=args.save_last_n_epochs,
@@ -108,6 +108,12 @@ class SavePolicy:
         old = self.stale_step(step, self.last_n_steps_state)
         if old is not None:
             _remove(self.state_dir(self.step_stem(old)))
+
+
+def model_extension(save_model_as: str | None) -> str:
+    """``.safetensors``/``.ckpt``/``.pt``; Diffusers saves are folders named by the stem alone."""
+    fmt = save_model_as or "safetensors"
+    return "" if fmt.startswith("diffusers") else "." + fmt
 
 
 def _remove(path: Path) -> None:

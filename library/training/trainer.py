@@ -91,9 +91,9 @@ class Trainer:
     # ============================================================================ the recipe
     def train(self, args) -> None:
         setup_logging(args)
+        self.target.validate_args(args)  # first: a fine-tune tells the shared checks whether the TEs train
         validate_training_args(args)
         self.family.validate_args(args)
-        self.target.validate_args(args)
         cache_te = caches_text_encoder_outputs(args)
         if cache_te and self.family.text_encoder_cache_suffix is None:
             raise ArgumentError(f"--cache_text_encoder_outputs: this model family ({type(self.family).__name__}) "
@@ -248,7 +248,7 @@ class Trainer:
         # Cast (and store in fp8) on the CPU before moving: the full-precision denoiser may not fit the
         # device, and with --blocks_to_swap part of it never moves there.
         _place(models.denoiser, "cpu", trained_dtype if target.trains_denoiser_weights else weight_dtype)
-        fp8 = args.fp8_base or args.fp8_base_unet
+        fp8 = args.fp8_base or getattr(args, "fp8_base_unet", None)
         if fp8:
             logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
         self.family.place_denoiser(models, args, accelerator.device)
@@ -256,7 +256,7 @@ class Trainer:
         for te in models.text_encoders:
             # Cached outputs: the encoders wait on the CPU (in the dtype they would run in) for sampling.
             _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, te_dtype)
-        if fp8 and not args.fp8_base_unet:
+        if fp8 and not getattr(args, "fp8_base_unet", None):
             for te, skip in self.family.fp8_text_encoders(models, args):
                 logger.info("--fp8_base: %d %s layers store float8 weights", store_in_fp8(te, skip),
                             type(te).__name__)
@@ -292,10 +292,10 @@ class Trainer:
             schedule.skip_batches = (step % schedule.steps_per_epoch) * args.gradient_accumulation_steps
             logger.info("resumed from %s at step %d (epoch %d)", args.resume, step, schedule.first_epoch + 1)
             return
-        if args.initial_step:
-            first = args.initial_step
-        elif args.initial_epoch:
-            first = (args.initial_epoch - 1) * schedule.steps_per_epoch
+        if getattr(args, "initial_step", None):
+            first = getattr(args, "initial_step", None)
+        elif getattr(args, "initial_epoch", None):
+            first = (getattr(args, "initial_epoch", None) - 1) * schedule.steps_per_epoch
         else:
             first = 0
         if first:
@@ -303,7 +303,7 @@ class Trainer:
                 raise ArgumentError(f"--initial_step/--initial_epoch start at step {first}, past --max_train_steps "
                                     f"{schedule.max_train_steps}")
             schedule.first_step = first
-            if args.skip_until_initial_step:
+            if getattr(args, "skip_until_initial_step", None):
                 schedule.skip_batches = (first % schedule.steps_per_epoch) * args.gradient_accumulation_steps
             for _ in range(first):  # the learning rate continues from the step the run starts at
                 lr_scheduler.step()
@@ -475,7 +475,7 @@ class Trainer:
         with optimizer_eval_mode(self.optimizer):  # schedule-free: save the averaged weights
             if accelerator.is_main_process:
                 path = policy.model_path(stem)
-                metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=args.no_metadata)
+                metadata = md.save_time_metadata(base_metadata, epoch=epoch, step=step, no_metadata=getattr(args, "no_metadata", None))
                 self.target.save(path, save_dtype, metadata, epoch=epoch, step=step)
                 logger.info("saved %s", path)
             if with_state:

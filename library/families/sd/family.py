@@ -92,6 +92,29 @@ class StableDiffusionFamily(ModelFamily):
         """One U-Net call on noisy model-space latents (the part of :meth:`predict` SDXL changes)."""
         return models.denoiser(noisy, timesteps, conditioning).sample
 
+    # --- full checkpoints ----------------------------------------------------------------------
+    def checkpoint_state_dict(self, models) -> dict[str, torch.Tensor]:
+        return models.extra["sd"].ldm_state_dict()
+
+    def checkpoint_prefixes(self) -> dict[str, tuple[str, ...]]:
+        return {"denoiser": ("model.diffusion_model.",), "text_encoders": ("cond_stage_model.",),
+                "vae": ("first_stage_model.",)}
+
+    def save_diffusers(self, models, folder, *, dtype, safe_serialization: bool) -> None:
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        sd = models.extra["sd"]
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", clip_sample=False,
+                                  prediction_type="v_prediction" if getattr(sd, "v_parameterization", False)
+                                  else "epsilon")
+        pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        if dtype is not None:
+            pipe = pipe.to(dtype=dtype)
+        pipe.save_pretrained(str(folder), safe_serialization=safe_serialization)
+
     # --- output --------------------------------------------------------------------------------
     def base_model_version(self, args) -> str:
         return ("sd_v2" if args.v2 else "sd_v1") + ("_v" if args.v_parameterization else "")

@@ -88,6 +88,50 @@ class SDXLFamily(StableDiffusionFamily):
     def conditioning_from_cache(self, models, cached, args, device, dtype) -> TextConditioning:
         return TextConditioning(cached["hidden_state1"], cached["hidden_state2"], cached["pool2"]).to(device, dtype)
 
+    # --- full checkpoints ----------------------------------------------------------------------
+    def checkpoint_state_dict(self, models) -> dict[str, torch.Tensor]:
+        return models.extra["sdxl"].ldm_state_dict()
+
+    def checkpoint_prefixes(self) -> dict[str, tuple[str, ...]]:
+        return {"denoiser": ("model.diffusion_model.",), "text_encoders": ("conditioner.",),
+                "vae": ("first_stage_model.",)}
+
+    def save_diffusers(self, models, folder, *, dtype, safe_serialization: bool) -> None:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        sdxl = models.extra["sdxl"]
+        scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                           beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+        pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=sdxl.text_encoder1, text_encoder_2=sdxl.text_encoder2,
+                                         tokenizer=sdxl.tokenizer1, tokenizer_2=sdxl.tokenizer2, unet=sdxl.unet,
+                                         scheduler=scheduler)
+        if dtype is not None:
+            pipe = pipe.to(dtype=dtype)
+        pipe.save_pretrained(str(folder), safe_serialization=safe_serialization)
+
+    def text_encoder_learning_rates(self, args) -> list[float]:
+        """``--learning_rate_te1`` / ``--learning_rate_te2``, each defaulting to ``--learning_rate``."""
+        return [args.learning_rate if getattr(args, name, None) is None else getattr(args, name)
+                for name in ("learning_rate_te1", "learning_rate_te2")]
+
+    def denoiser_parameter_blocks(self, models) -> dict[int, list[torch.nn.Parameter]]:
+        """U-Net parameters by SDXL block (0..22, the numbering of ``--block_lr`` and LoRA block options),
+        through the checkpoint converter's diffusers -> SGM module paths."""
+        from library.families.sd.checkpoint.unet import UNetShape, ldm_module_path
+        from networks.lora_blocks import sdxl_unet_block_index
+
+        unet = models.extra["sdxl"].unet
+        to_sgm = ldm_module_path(UNetShape.from_diffusers_config(unet.config))
+        blocks: dict[int, list[torch.nn.Parameter]] = {}
+        for name, param in unet.named_parameters():
+            module_path = name.rpartition(".")[0]
+            sgm = to_sgm(module_path)
+            block = sdxl_unet_block_index(sgm) if sgm is not None else None
+            if block is None:
+                raise ValueError(f"--block_lr: the U-Net parameter {name} belongs to no SDXL block")
+            blocks.setdefault(block, []).append(param)
+        return blocks
+
     # --- output --------------------------------------------------------------------------------
     def base_model_version(self, args) -> str:
         return "sdxl_base_v1-0"  # also for v-prediction models, as kohya writes it
