@@ -219,3 +219,20 @@ def test_fine_tune_refusals(tmp_path, tiny_sdxl_ckpt, db_dataset, extra, message
         sdxl_train.main(ft_args(tiny_sdxl_ckpt, tmp_path / "out", train_data_dir=db_dataset / "train",
                                 caption_extension=".txt", bucket_reso_steps=32, max_train_steps=1) + extra)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("fused", [["--fused_backward_pass"], ["--fused_optimizer_groups", "3"]])
+def test_fused_optimizer_steps_give_the_plain_loop_weights(tmp_path, tiny_sdxl_ckpt, db_dataset, fused):
+    """The optimizer steps inside backward (each weight as its gradient is ready, or in 3 groups) and
+    the plain loop end with the same U-Net: the memory saving changes nothing else."""
+    common = ft_args(tiny_sdxl_ckpt, tmp_path / "plain", train_data_dir=db_dataset / "train", caption_extension=".txt",
+                     max_train_steps=3, bucket_reso_steps=32, optimizer_type="AdaFactor", max_grad_norm=0)
+    run_script("sdxl_train.py", common)
+    run_script("sdxl_train.py", [*common[:common.index("--output_dir") + 1], str(tmp_path / "fused"),
+                                 *common[common.index("--output_dir") + 2:], *fused])
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    other = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    unet = split(plain, UNET)
+    assert any(not torch.equal(v, load_file(str(tiny_sdxl_ckpt))[k]) for k, v in unet.items())  # it trained
+    for key in unet:
+        torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-6)

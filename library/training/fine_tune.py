@@ -104,6 +104,11 @@ class ModelTarget(TrainingTarget):
         args.network_train_unet_only = not train_te
         self.save_format = args.save_model_as = resolve_save_format(args)  # the save policy names files by it
         self.block_lr = parse_block_lr(getattr(args, "block_lr", None), 23)
+        if getattr(args, "diffusers_xformers", False):
+            args.xformers = True  # the same attention switch for our (diffusers) models
+        from library.training.fused_backward import check_fused_args
+
+        check_fused_args(args)  # before loading; the trainer checks again with the process count
 
     def create(self, args, family: ModelFamily, models: FamilyModels) -> None:
         self.family, self.models = family, models

@@ -449,3 +449,34 @@ def _split(groups: list[dict[str, Any]], num_groups: int) -> list[list[tuple[int
                 parts.append((gi, [p]))
         layout.append(parts)
     return layout
+
+
+class FusedOptimizerView:
+    """A :class:`FusedBackward` as the training loop's ``optimizer``: the updates already happened in
+    ``backward()``, so ``step()`` only steps groups still waiting and ``zero_grad()`` has nothing to do."""
+
+    def __init__(self, fused: FusedBackward) -> None:
+        self.fused = fused
+
+    def step(self) -> None:
+        self.fused.flush()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - the optimizer API
+        """Nothing to clear: each gradient was freed right after its update."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [self.fused.optimizers[k].param_groups[j] for k, j in self.fused._group_index]
+
+
+class FusedSchedulerView:
+    """A :class:`FusedBackward`'s LR schedulers as the training loop's one ``lr_scheduler``."""
+
+    def __init__(self, fused: FusedBackward) -> None:
+        self.fused = fused
+
+    def step(self) -> None:
+        self.fused.step_schedulers()
+
+    def get_last_lr(self) -> list[float]:
+        return self.fused.get_last_lr()

@@ -31,6 +31,7 @@ from library.log import setup_logging
 from library.training import metadata as md
 from library.training.accelerator import allow_fp16_gradients, make_accelerator, store_in_fp8, weight_dtypes
 from library.training.data_order import EpochShuffleSampler, make_dataloader
+from library.training.fused_backward import FusedOptimizerView, FusedSchedulerView, fused_from_args
 from library.training.loss import LossConfig, prediction_loss
 from library.training.loss_log import LossLog
 from library.training.network_extras import MaxNormLog
@@ -87,6 +88,7 @@ class Trainer:
         self.optimizer = None  # set by train(): schedule-free optimizers switch to eval() around saves/samples
         self.loss_config: LossConfig | None = None  # built once from args in train()
         self.validator: ValidationRunner | None = None  # set by train() when there is a validation set
+        self.fused_clipping = False  # True when --fused_* optimizers clip inside the backward pass
 
     # ============================================================================ the recipe
     def train(self, args) -> None:
@@ -141,7 +143,6 @@ class Trainer:
         self.prepare_models_for_training(args, models, accelerator, weight_dtype)
 
         params, self.lr_names = target.optimizer_params(args)
-        optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
 
         num_workers = min(args.max_data_loader_n_workers, os.cpu_count() or 1)
         from library.data.collate import collate_batch
@@ -150,12 +151,23 @@ class Trainer:
                                      persistent_workers=args.persistent_data_loader_workers, collate_fn=collate_batch)
         schedule = self.make_schedule(args, len(dataloader), accelerator.num_processes)
         train_group.set_max_train_steps(schedule.max_train_steps)
-        lr_scheduler = make_lr_scheduler(args, optimizer, schedule.max_train_steps * accelerator.num_processes)
+        total_steps = schedule.max_train_steps * accelerator.num_processes
 
         if args.full_fp16 or args.full_bf16:
             target.cast_for_full_precision(weight_dtype)
-        *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*target.modules(), optimizer, dataloader,
-                                                                              lr_scheduler)
+        fused = fused_from_args(args, params, optimizer_choice, total_steps=total_steps,
+                                num_processes=accelerator.num_processes)
+        if fused is None:
+            optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
+            lr_scheduler = make_lr_scheduler(args, optimizer, total_steps)
+            *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*target.modules(), optimizer,
+                                                                                  dataloader, lr_scheduler)
+        else:
+            # Updates happen inside backward(): accelerate must not wrap the optimizers, only save them.
+            *prepared, dataloader = accelerator.prepare(*target.modules(), dataloader)
+            accelerator.register_for_checkpointing(fused)
+            optimizer, lr_scheduler = FusedOptimizerView(fused), FusedSchedulerView(fused)
+        self.fused_clipping = fused is not None  # --max_grad_norm is applied inside the fused steps
         target.set_prepared(prepared, accelerator)
         if args.full_fp16:
             allow_fp16_gradients(accelerator)
@@ -372,7 +384,7 @@ class Trainer:
                     loss = self.training_loss(args, accelerator, models, batch, target.train_text_encoder,
                                               weight_dtype)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
+                    if accelerator.sync_gradients and args.max_grad_norm and not self.fused_clipping:
                         accelerator.clip_grad_norm_(target.trainable_parameters(), args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
