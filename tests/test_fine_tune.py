@@ -236,3 +236,24 @@ def test_fused_optimizer_steps_give_the_plain_loop_weights(tmp_path, tiny_sdxl_c
     assert any(not torch.equal(v, load_file(str(tiny_sdxl_ckpt))[k]) for k, v in unet.items())  # it trained
     for key in unet:
         torch.testing.assert_close(other[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_no_token_padding_encodes_only_up_to_the_longest_caption(tiny_sd1_ckpt, tmp_path, db_dataset):
+    from library.families.sd import text
+    from library.families.sd.loading import load_sd_models
+
+    sd = load_sd_models(str(tiny_sd1_ckpt), v2=False)
+    captions = ["sks", "a red circle on a blue background"]
+    ids = text.tokenize_unpadded(sd.tokenizer, captions)
+    padded = text.tokenize(sd.tokenizer, captions, None)
+    length = ids.shape[-1]
+    assert ids.shape == (2, 1, length) and length < 77
+    assert torch.equal(ids[:, 0], padded[:, 0, :length])
+    with torch.no_grad():
+        short = text.encode(sd.text_encoder, ids, clip_skip=None)
+        full = text.encode(sd.text_encoder, padded, clip_skip=None)
+    # CLIP attends causally: the positions a short encoding has are the padded encoding's first ones
+    torch.testing.assert_close(short, full[:, :length], rtol=1e-5, atol=1e-6)
+    run_script("train_db.py", ft_args(tiny_sd1_ckpt, tmp_path / "out", train_data_dir=db_dataset / "train",
+                                      caption_extension=".txt", max_train_steps=2, no_token_padding=True))
+    assert (tmp_path / "out" / "model.safetensors").is_file()

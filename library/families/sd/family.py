@@ -30,6 +30,9 @@ class StableDiffusionFamily(ModelFamily):
     def validate_args(self, args) -> None:
         if args.max_token_length not in (None, 75, 150, 225):
             raise ArgumentError("--max_token_length must be 75, 150 or 225")
+        if getattr(args, "no_token_padding", False) and (args.max_token_length or args.weighted_captions):
+            raise ArgumentError("--no_token_padding pads one 77-token chunk to the longest caption: it cannot be used "
+                                "with --max_token_length or --weighted_captions")
         if args.v_parameterization and not args.v2:
             logger.warning("--v_parameterization without --v2: fine for v-prediction SD1 models, unusual otherwise")
         if args.v2 and args.clip_skip is not None:
@@ -53,6 +56,8 @@ class StableDiffusionFamily(ModelFamily):
     def make_tokenize_fn(self, models: FamilyModels, args):
         if getattr(args, "weighted_captions", False):
             return None  # encode_text tokenizes with the weights; worker-side ids would be thrown away
+        if getattr(args, "no_token_padding", False):
+            return functools.partial(text.tokenize_unpadded, models.tokenizers[0])
         return functools.partial(text.tokenize, models.tokenizers[0], max_token_length=args.max_token_length)
 
     # --- per step ------------------------------------------------------------------------------

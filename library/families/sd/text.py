@@ -46,6 +46,13 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_token_
     return split_chunks(ids, tokenizer, n)
 
 
+def tokenize_unpadded(tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> torch.LongTensor:
+    """``--no_token_padding`` (train_db.py): ids ``[B, 1, L]`` padded only to the longest caption of the
+    batch (BOS, up to 75 text tokens, EOS), so the encoder sees no padding beyond it."""
+    ids = tokenizer(list(captions), padding="longest", truncation=True, max_length=CHUNK, return_tensors="pt").input_ids
+    return ids[:, None, :]
+
+
 def split_chunks(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, n: int) -> torch.LongTensor:
     """``[B, 75n + 2]`` ids (BOS, text, EOS, padding) -> ``[B, n, 77]`` chunks as :func:`tokenize` describes."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -108,12 +115,12 @@ def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: i
     if input_ids.ndim == 2:
         input_ids = input_ids[:, None, :]
     batch, n, length = input_ids.shape
-    if length != CHUNK:
+    if length != CHUNK and not (n == 1 and length < CHUNK):  # one shorter chunk: --no_token_padding
         raise ValueError(f"input_ids must have chunks of {CHUNK} tokens, got shape {tuple(input_ids.shape)}")
     if max_token_length is not None and chunk_count(max_token_length) != n:
         raise ValueError(f"input_ids hold {n} chunk(s) but max_token_length={max_token_length} means "
                          f"{chunk_count(max_token_length)}; tokenize and encode with the same max_token_length")
-    flat = input_ids.reshape(batch * n, CHUNK).to(text_encoder.device)
+    flat = input_ids.reshape(batch * n, length).to(text_encoder.device)
     if clip_skip is None or clip_skip <= 1:
         hidden = text_encoder(flat).last_hidden_state
     else:
@@ -122,7 +129,7 @@ def encode(text_encoder: CLIPTextModel, input_ids: torch.Tensor, *, clip_skip: i
             raise ValueError(f"clip_skip={clip_skip} is more than the text encoder's {layers} layers")
         states = text_encoder(flat, output_hidden_states=True).hidden_states
         hidden = _text_transformer(text_encoder).final_layer_norm(states[-clip_skip])
-    return join_chunks(hidden, batch, n)
+    return hidden if n == 1 else join_chunks(hidden, batch, n)
 
 
 def join_chunks(hidden: torch.Tensor, batch: int, n: int) -> torch.Tensor:
