@@ -535,3 +535,48 @@ def setup_sd3_network_parser() -> argparse.ArgumentParser:
     add_dit_training_arguments(parser)
     add_sd3_training_arguments(parser)
     return parser
+
+
+def add_textual_inversion_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the textual inversion scripts (kohya's train_textual_inversion.py; docs/train_textual_inversion.md)."""
+    g = parser.add_argument_group("textual inversion")
+    g.add_argument("--save_model_as", type=str, default="pt", choices=[None, "ckpt", "pt", "safetensors"],
+                   help="format of the saved embedding (default pt)")
+    g.add_argument("--weights", type=str, default=None, help="embedding file to continue training from")
+    g.add_argument("--num_vectors_per_token", type=int, default=1, help="vectors (tokens) the embedding has")
+    g.add_argument("--token_string", type=str, default=None,
+                   help="the new word (required); it must be new to the tokenizer and appear in the captions "
+                        "(unless a template is used)")
+    g.add_argument("--init_word", type=str, default=None,
+                   help="word whose token embedding(s) start the vectors (default: random vectors)")
+    g.add_argument("--use_object_template", action="store_true",
+                   help="replace every caption by an object template ('a photo of a <token>', ...)")
+    g.add_argument("--use_style_template", action="store_true",
+                   help="replace every caption by a style template ('a painting in the style of <token>', ...)")
+    g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
+
+
+def setup_textual_inversion_parser() -> argparse.ArgumentParser:
+    """The parser of train_textual_inversion.py (SD 1.x/2.x): no caption dropout, no weighted captions."""
+    parser = argparse.ArgumentParser(description="Train a textual inversion embedding for Stable Diffusion 1.x/2.x")
+    add_logging_arguments(parser)
+    add_sd_models_arguments(parser)
+    add_model_spec_arguments(parser)
+    add_dataset_arguments(parser, support_dreambooth=True, support_caption=True, support_caption_dropout=False)
+    add_training_arguments(parser)
+    add_optimizer_arguments(parser)
+    add_validation_arguments(parser)
+    add_noise_and_loss_arguments(parser)
+    add_custom_train_arguments(parser, support_weighted_captions=False)
+    add_masked_loss_arguments(parser)
+    add_textual_inversion_arguments(parser)
+    return parser
+
+
+def setup_sdxl_textual_inversion_parser() -> argparse.ArgumentParser:
+    """The parser of sdxl_train_textual_inversion.py: the SD one plus the SDXL flags (whose text
+    encoder output caching the script refuses, as the reference does)."""
+    parser = setup_textual_inversion_parser()
+    parser.description = "Train a textual inversion embedding (clip_l + clip_g) for Stable Diffusion XL"
+    add_sdxl_training_arguments(parser)
+    return parser

@@ -14,7 +14,9 @@ Per-sample processing (:func:`process_caption`) applies, in this order:
    ``keep_tokens_separator``); keep only the first tags of the flexible part during token warmup;
    shuffle it; drop each flexible tag with ``caption_tag_dropout_rate``; re-join with ", ";
 5. ``secondary_separator`` replaced by ``caption_separator`` (grouped tags move as one tag in 4);
-6. literal replacements (textual inversion token strings), in insertion order.
+6. literal replacements (textual inversion token strings), in insertion order; the key ``""``
+   replaces the whole caption (by a random entry when the value is a list: textual inversion
+   templates).
 
 All randomness comes from the ``random.Random`` the caller passes in: the dataset seeds it from
 (seed, epoch, batch index, position), so a caption is reproducible whatever process builds it.
@@ -28,7 +30,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from library.data.errors import DatasetError
 
@@ -177,7 +179,7 @@ def _rearrange_tags(caption: str, opts: CaptionOptions, rng: random.Random, pos:
 
 
 def process_caption(caption: str, opts: CaptionOptions, rng: random.Random, pos: TrainingPosition,
-                    replacements: Mapping[str, str] | None = None) -> str:
+                    replacements: Mapping[str, str | Sequence[str]] | None = None) -> str:
     """The caption one sample trains on (processing order in the module docstring)."""
     caption = _with_prefix_suffix(caption, opts)
     if _drop_caption(opts, rng, pos):
@@ -193,5 +195,8 @@ def process_caption(caption: str, opts: CaptionOptions, rng: random.Random, pos:
     if opts.secondary_separator:
         caption = caption.replace(opts.secondary_separator, opts.caption_separator)
     for old, new in (replacements or {}).items():
-        caption = caption.replace(old, new)
+        if old == "":  # the whole caption: ``new``, or a random entry of a list (textual inversion templates)
+            caption = new if isinstance(new, str) else rng.choice(list(new))
+        else:
+            caption = caption.replace(old, new)
     return caption

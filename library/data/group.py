@@ -67,8 +67,9 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
             batch["input_ids"] = self.tokenize(batch["captions"])
         return batch
 
-    def add_replacement(self, old: str, new: str) -> None:
-        """Replace ``old`` by ``new`` in every caption (textual inversion token strings)."""
+    def add_replacement(self, old: str, new: str | list[str]) -> None:
+        """Replace ``old`` by ``new`` in every caption (textual inversion token strings); ``old == ""``
+        replaces the whole caption, by a random entry of ``new`` when it is a list (TI templates)."""
         self.replacements[old] = new
 
     # ------------------------------------------------------------------------------ counts

@@ -3,7 +3,7 @@
 The loop (:class:`library.training.trainer.Trainer`) is the same for every training method; it
 asks its :class:`TrainingTarget` which modules are trained (and wrapped by accelerate), which
 parameter groups the optimizer gets, what happens at epoch starts and after optimizer steps, and
-how a save is written. Two targets exist:
+how a save is written. Three targets exist:
 
 * :class:`NetworkTarget` (``train_network.py`` and the other ``*_train_network.py``): the base
   models are frozen; a ``--network_module`` network is created, hooked in and saved through the
@@ -11,6 +11,8 @@ how a save is written. Two targets exist:
 * :class:`library.training.fine_tune.ModelTarget` (``fine_tune.py``, ``train_db.py``,
   ``sdxl_train.py``): the denoiser (and, when asked, the text encoders) are trained and saved as a
   checkpoint.
+* :class:`library.training.textual_inversion.EmbeddingTarget` (``train_textual_inversion.py``,
+  ``sdxl_train_textual_inversion.py``): new token vectors; saved as an embedding file.
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ class TrainingTarget(abc.ABC):
 
     def validate_args(self, args) -> None:
         """Flag checks of this training method, before any loading."""
+
+    def prepare_data(self, args, family: ModelFamily, models: FamilyModels, groups: list) -> None:
+        """After the base models are loaded and the dataset groups built (training group first, then
+        the validation group if any), before ``--debug_dataset`` and caching: tokenizer additions and
+        caption replacements (textual inversion)."""
 
     @abc.abstractmethod
     def create(self, args, family: ModelFamily, models: FamilyModels) -> None:
@@ -100,6 +107,10 @@ class TrainingTarget(abc.ABC):
     def metadata_args(self) -> dict[str, str]:
         """``ss_network_args`` of the metadata (networks only)."""
         return {}
+
+    def prompt_text(self, text: str) -> str:
+        """A preview prompt (or negative prompt) as it is encoded (textual inversion expands its token)."""
+        return text
 
     @property
     def unwrapped(self):

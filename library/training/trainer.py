@@ -12,6 +12,7 @@ trainer of the ``*_train_network.py`` scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -119,6 +120,8 @@ class Trainer:
         train_group, val_group = build_dataset_group(args, tokenize=None if cache_te else tokenize,
                                                      latents_stride=self.family.latents_stride,
                                                      bucket_reso_steps_multiple=self.family.bucket_reso_multiple)
+        groups = [g for g in (train_group, val_group) if g is not None]
+        self.target.prepare_data(args, self.family, models, groups)  # e.g. textual inversion's token strings
         if args.debug_dataset:
             from library.data.dataset import debug_dataset
 
@@ -126,7 +129,6 @@ class Trainer:
             return
         if len(train_group) == 0:
             raise ArgumentError("the dataset has no batches: check image folders and num_repeats")
-        groups = [g for g in (train_group, val_group) if g is not None]
         if cache_te:  # before any caching: a subset that shuffles captions fails now, not after the VAE pass
             self.verify_text_encoder_caching(groups)
         # Caching draws random numbers (the VAE posterior sample) only when a cache is (re)built; the
@@ -521,7 +523,9 @@ class Trainer:
         from library.sampling.previews import eval_mode, write_sample_images
         from library.sampling.prompts import load_prompts
 
-        prompts = load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
+        prompts = [dataclasses.replace(p, prompt=self.target.prompt_text(p.prompt),
+                                       negative_prompt=self.target.prompt_text(p.negative_prompt))
+                   for p in load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))]
         device = accelerator.device
         cached_te = caches_text_encoder_outputs(args)
         models.vae.to(device)
