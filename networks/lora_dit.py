@@ -4,7 +4,8 @@ Both adapt the Linear layers of a transformer's blocks, named by the module path
 checkpoint layout (so LoRA names and checkpoint keys cannot disagree), plus text encoders named
 ``lora_te<N>_``. Shared here: text-encoder scopes (CLIP by the transformers-4 ``text_model.`` path,
 T5 by its own path), block-index lists (``0,2,5-10``), rank lists (``[4,0,4]``), the split q/k/v
-module (:class:`SplitLoRAModule`) and assembling / loading a :class:`LoRANetwork`.
+module (:class:`SplitLoRAModule`), per-layer-type ranks, the default rank and alpha, planning a DiT
+module (optionally split) and assembling / loading a :class:`LoRANetwork`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from networks.lora import (
-    TEXT_ENCODER_TARGET_CLASSES, ModelScope, _network_from_plan, clip_text_file_path, plan_from_weights,
-    parse_network_args as parse_common_args,
+    DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, TEXT_ENCODER_TARGET_CLASSES, ModelScope, _arg_value, _network_from_plan,
+    clip_text_file_path, plan_from_weights, parse_network_args as parse_common_args,
 )
 from networks.lora_modules import LoRAModule
 from networks.lora_network import LoRANetwork, PlannedModule, weights_of
@@ -28,8 +29,8 @@ from networks.lora_network import LoRANetwork, PlannedModule, weights_of
 logger = logging.getLogger(__name__)
 
 __all__ = ["T5_TARGET_CLASSES", "TextEncoderSpec", "text_encoder_scopes", "as_list", "linears", "parse_block_indices",
-           "parse_rank_list", "common_args", "plan_text_encoder_modules", "SplitLoRAModule", "assemble_network",
-           "network_from_weights"]
+           "parse_rank_list", "parse_type_dims", "TypeDimArgs", "network_dim_alpha", "common_args",
+           "plan_text_encoder_modules", "plan_dit_module", "SplitLoRAModule", "assemble_network", "network_from_weights"]
 
 T5_TARGET_CLASSES = ("T5Attention", "T5DenseGatedActDense")
 
@@ -108,6 +109,33 @@ def parse_rank_list(text: object, key: str, names: Sequence[str]) -> tuple[int, 
     return tuple(int(v) for v in values)
 
 
+def parse_type_dims(kwargs: Mapping[str, object], keys: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """The per-layer-type ranks among ``keys`` that ``--network_args`` sets: ``((key, rank), ...)``
+    in ``keys`` order (ranks >= 0; 0 = no LoRA on that type); raises ``ValueError`` naming a bad key."""
+    return tuple((k, _arg_value(kwargs, k, int, low=0)) for k in keys if _arg_value(kwargs, k, int, low=0) is not None)
+
+
+class TypeDimArgs:
+    """Mixin of the families' network-args dataclasses: the per-layer-type ranks they parsed
+    (``type_dims``, from :func:`parse_type_dims`) and the rank of one type."""
+
+    type_dims: tuple[tuple[str, int], ...]
+
+    def type_dim(self, key: str, default: int) -> int:
+        """The rank ``--network_args`` gives layer type ``key``, else ``default`` (``network_dim``)."""
+        return dict(self.type_dims).get(key, default)
+
+
+def network_dim_alpha(network_dim: int | None, network_alpha: float | None) -> tuple[int, float]:
+    """``--network_dim`` / ``--network_alpha`` with ``networks.lora``'s defaults for None (4, 1.0);
+    raises ``ValueError`` for a rank that is not positive."""
+    dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
+    alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
+    if dim <= 0:
+        raise ValueError(f"--network_dim must be a positive integer, got {network_dim}")
+    return dim, alpha
+
+
 def common_args(kwargs: Mapping[str, object], own_keys: frozenset[str]):
     """``networks.lora``'s options (dropouts, LoRA+, verbose); the family's own keys are not "unknown"."""
     return parse_common_args({k: v for k, v in kwargs.items() if k not in own_keys})
@@ -126,6 +154,18 @@ def plan_text_encoder_modules(scopes: Sequence[ModelScope], dim: int, alpha: flo
                 path = ".".join(p for p in (block_path, sub) if p)
                 planned.append(PlannedModule(scope.lora_name(path), layer, dim, alpha, scope.te_index))
     return planned
+
+
+def plan_dit_module(prefix: str, path: str, layer: nn.Module, rank: int, alpha: float,
+                    split_sizes: tuple[int, ...] | None) -> SplitPlan:
+    """The plan of one DiT layer at module ``path``, named ``<prefix>_<path with _>``.
+
+    With ``split_sizes`` (a fused layer trained as one LoRA per part), the stored LoRA has rank
+    ``parts x rank`` and alpha ``parts x alpha``, so each part's scale is ``alpha / rank``.
+    """
+    parts = len(split_sizes) if split_sizes else 1
+    name = f"{prefix}_{path.replace('.', '_')}"
+    return PlannedModule(name, layer, rank * parts, alpha * parts), split_sizes
 
 
 class SplitLoRAModule(LoRAModule):
@@ -204,14 +244,19 @@ def _use_split_modules(network: LoRANetwork, splits: Mapping[str, tuple[PlannedM
         network.unet_loras[index] = split
 
 
-def assemble_network(text_encoder_plan: list[PlannedModule], dit_plan: list[SplitPlan], *, multiplier: float,
-                     dropout: float | None, common, num_text_encoders: int, train_t5xxl: bool) -> LoRANetwork:
-    """The LoRANetwork of planned modules; fused layers with split sizes become :class:`SplitLoRAModule` s.
+def assemble_network(scopes: Sequence[ModelScope], dit_plan: list[SplitPlan], *, dim: int, alpha: float,
+                     multiplier: float, neuron_dropout: float | None, common, num_text_encoders: int,
+                     train_t5xxl: bool) -> LoRANetwork:
+    """The LoRANetwork of ``create_network``: every target Linear of the text-encoder ``scopes`` at
+    ``dim``/``alpha``, then the planned DiT modules; fused layers with split sizes become
+    :class:`SplitLoRAModule` s.
 
+    ``neuron_dropout`` (``--network_dropout``) None means the ``dropout`` network arg.
     ``num_text_encoders`` is how many lrs ``--text_encoder_lr`` takes (one per encoder of the family,
     whether or not it has modules); ``train_t5xxl`` is the attribute trainers read.
     """
-    planned = text_encoder_plan + [plan for plan, _ in dit_plan]
+    dropout = neuron_dropout if neuron_dropout is not None else common.dropout
+    planned = plan_text_encoder_modules(scopes, dim, alpha) + [plan for plan, _ in dit_plan]
     network = _network_from_plan(planned, multiplier, dropout, common)
     splits = {plan.lora_name: (plan, sizes) for plan, sizes in dit_plan if sizes}
     if splits:

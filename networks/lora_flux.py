@@ -48,12 +48,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from networks.lora import DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, ModelScope, _arg_value
+from networks.lora import ModelScope, _arg_value
 from networks.lora_dit import (
-    SplitLoRAModule, TextEncoderSpec, assemble_network, common_args, linears, network_from_weights, parse_block_indices,
-    parse_rank_list, plan_text_encoder_modules, text_encoder_scopes,
+    SplitLoRAModule, SplitPlan, TextEncoderSpec, TypeDimArgs, assemble_network, common_args, linears, network_dim_alpha,
+    network_from_weights, parse_block_indices, parse_rank_list, parse_type_dims, plan_dit_module, text_encoder_scopes,
 )
-from networks.lora_network import LoRANetwork, PlannedModule
+from networks.lora_network import LoRANetwork
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ IN_DIM_NAMES = ("img", "time", "vector", "guidance", "txt")
 
 
 @dataclass(frozen=True)
-class FluxNetworkArgs:
+class FluxNetworkArgs(TypeDimArgs):
     """The FLUX-specific ``--network_args``; the common ones are :class:`networks.lora.NetworkArgs`."""
 
     train_blocks: str = "all"
@@ -100,21 +100,16 @@ class FluxNetworkArgs:
     split_qkv: bool = False
     train_t5xxl: bool = False
 
-    def type_dim(self, key: str, default: int) -> int:
-        return dict(self.type_dims).get(key, default)
-
 
 def parse_flux_network_args(kwargs: Mapping[str, object]) -> FluxNetworkArgs:
     train_blocks = str(kwargs.get("train_blocks", "all") or "all").strip().lower()
     if train_blocks not in ("all", "single", "double"):
         raise ValueError(f"--network_args train_blocks={train_blocks!r}: use all, single or double")
-    type_dims = tuple((k, _arg_value(kwargs, k, int, low=0)) for k in TYPE_DIM_KEYS
-                      if _arg_value(kwargs, k, int, low=0) is not None)
     return FluxNetworkArgs(
         train_blocks=train_blocks,
         train_double_block_indices=kwargs.get("train_double_block_indices"),
         train_single_block_indices=kwargs.get("train_single_block_indices"),
-        type_dims=type_dims,
+        type_dims=parse_type_dims(kwargs, TYPE_DIM_KEYS),
         in_dims=parse_rank_list(kwargs.get("in_dims"), "in_dims", IN_DIM_NAMES),
         split_qkv=bool(_arg_value(kwargs, "split_qkv", bool)),
         train_t5xxl=bool(_arg_value(kwargs, "train_t5xxl", bool)),
@@ -149,23 +144,19 @@ def _split_sizes(path: str, layer: nn.Linear, flux: nn.Module) -> tuple[int, ...
     return None
 
 
-def plan_dit_modules(flux: nn.Module, dim: int, alpha: float, args: FluxNetworkArgs
-                     ) -> list[tuple[PlannedModule, tuple[int, ...] | None]]:
+def plan_dit_modules(flux: nn.Module, dim: int, alpha: float, args: FluxNetworkArgs) -> list[SplitPlan]:
     """The DiT modules ``create_network`` makes, each with its split sizes (``split_qkv``) or None."""
     double_blocks = getattr(flux, "double_blocks", None)
     single_blocks = getattr(flux, "single_blocks", None)
     if double_blocks is None or single_blocks is None:
         raise ValueError(f"networks.lora_flux: {type(flux).__name__} is not a FLUX DiT (no double_blocks/"
                          "single_blocks); use the network module of your model family")
-    planned: list[tuple[PlannedModule, tuple[int, ...] | None]] = []
+    planned: list[SplitPlan] = []
 
     def add(path: str, layer: nn.Linear, rank: int) -> None:
-        if not rank:
-            return
-        sizes = _split_sizes(path, layer, flux) if args.split_qkv else None
-        parts = len(sizes) if sizes else 1
-        name = f"{LORA_PREFIX_FLUX}_{path.replace('.', '_')}"
-        planned.append((PlannedModule(name, layer, rank * parts, alpha * parts), sizes))
+        if rank:
+            sizes = _split_sizes(path, layer, flux) if args.split_qkv else None
+            planned.append(plan_dit_module(LORA_PREFIX_FLUX, path, layer, rank, alpha, sizes))
 
     groups = []
     if args.train_blocks in ("all", "double"):
@@ -214,16 +205,13 @@ def create_network(
     """
     common = _common_args(kwargs)
     flux_args = parse_flux_network_args(kwargs)
-    dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
-    alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
-    if dim <= 0:
-        raise ValueError(f"--network_dim must be a positive integer, got {network_dim}")
+    dim, alpha = network_dim_alpha(network_dim, network_alpha)
     scopes = flux_scopes(text_encoders, None, include_t5=flux_args.train_t5xxl)
     dit_plan = plan_dit_modules(flux, dim, alpha, flux_args) if flux is not None else []
-    dropout = neuron_dropout if neuron_dropout is not None else common.dropout
     # --text_encoder_lr takes CLIP-L's and T5's lr, whether or not T5 has modules
-    return assemble_network(plan_text_encoder_modules(scopes, dim, alpha), dit_plan, multiplier=multiplier,
-                            dropout=dropout, common=common, num_text_encoders=2, train_t5xxl=flux_args.train_t5xxl)
+    return assemble_network(scopes, dit_plan, dim=dim, alpha=alpha, multiplier=multiplier,
+                            neuron_dropout=neuron_dropout, common=common, num_text_encoders=2,
+                            train_t5xxl=flux_args.train_t5xxl)
 
 
 def create_network_from_weights(

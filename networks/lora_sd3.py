@@ -43,12 +43,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from networks.lora import DEFAULT_NETWORK_ALPHA, DEFAULT_NETWORK_DIM, ModelScope, _arg_value
+from networks.lora import ModelScope, _arg_value
 from networks.lora_dit import (
-    SplitPlan, TextEncoderSpec, assemble_network, common_args, linears, network_from_weights, parse_block_indices,
-    parse_rank_list, plan_text_encoder_modules, text_encoder_scopes,
+    SplitPlan, TextEncoderSpec, TypeDimArgs, assemble_network, common_args, linears, network_dim_alpha,
+    network_from_weights, parse_block_indices, parse_rank_list, parse_type_dims, plan_dit_module, text_encoder_scopes,
 )
-from networks.lora_network import LoRANetwork, PlannedModule
+from networks.lora_network import LoRANetwork
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _SD3_KEYS = frozenset({"train_block_indices", "emb_dims", "split_qkv", "train_t5
 
 
 @dataclass(frozen=True)
-class SD3NetworkArgs:
+class SD3NetworkArgs(TypeDimArgs):
     """The SD3-specific ``--network_args``; the common ones are :class:`networks.lora.NetworkArgs`."""
 
     train_block_indices: str | None = None
@@ -78,20 +78,15 @@ class SD3NetworkArgs:
     split_qkv: bool = False
     train_t5xxl: bool = False
 
-    def type_dim(self, key: str, default: int) -> int:
-        return dict(self.type_dims).get(key, default)
-
 
 def parse_sd3_network_args(kwargs: Mapping[str, object]) -> SD3NetworkArgs:
     """The SD3 keys of ``--network_args`` (strings or typed values); raises ``ValueError`` naming a bad key.
 
     ``train_block_indices`` is kept as text: it is checked against the model's depth when planning.
     """
-    type_dims = tuple((k, _arg_value(kwargs, k, int, low=0)) for k in TYPE_DIM_KEYS
-                      if _arg_value(kwargs, k, int, low=0) is not None)
     return SD3NetworkArgs(
         train_block_indices=kwargs.get("train_block_indices"),
-        type_dims=type_dims,
+        type_dims=parse_type_dims(kwargs, TYPE_DIM_KEYS),
         emb_dims=parse_rank_list(kwargs.get("emb_dims"), "emb_dims", EMB_NAMES),
         split_qkv=bool(_arg_value(kwargs, "split_qkv", bool)),
         train_t5xxl=bool(_arg_value(kwargs, "train_t5xxl", bool)),
@@ -134,14 +129,11 @@ def plan_mmdit_modules(mmdit: nn.Module, dim: int, alpha: float, args: SD3Networ
     planned: list[SplitPlan] = []
 
     def add(path: str, layer: nn.Module, rank: int) -> None:
-        if not rank:
-            return
-        sizes = None
-        if args.split_qkv and path.endswith("qkv") and isinstance(layer, nn.Linear):
-            sizes = (layer.out_features // 3,) * 3
-        parts = len(sizes) if sizes else 1
-        planned.append((PlannedModule(f"{LORA_PREFIX_MMDIT}_{path.replace('.', '_')}", layer, rank * parts,
-                                      alpha * parts), sizes))
+        if rank:
+            sizes = None
+            if args.split_qkv and path.endswith("qkv") and isinstance(layer, nn.Linear):
+                sizes = (layer.out_features // 3,) * 3
+            planned.append(plan_dit_module(LORA_PREFIX_MMDIT, path, layer, rank, alpha, sizes))
 
     for index in parse_block_indices(args.train_block_indices, len(blocks), "train_block_indices"):
         for sub, layer in linears(blocks[index]):
@@ -180,16 +172,13 @@ def create_network(
     """
     common = _common_args(kwargs)
     sd3_args = parse_sd3_network_args(kwargs)
-    dim = DEFAULT_NETWORK_DIM if network_dim is None else int(network_dim)
-    alpha = DEFAULT_NETWORK_ALPHA if network_alpha is None else float(network_alpha)
-    if dim <= 0:
-        raise ValueError(f"--network_dim must be a positive integer, got {network_dim}")
+    dim, alpha = network_dim_alpha(network_dim, network_alpha)
     scopes = sd3_scopes(text_encoders, None, include_t5=sd3_args.train_t5xxl)
     mmdit_plan = plan_mmdit_modules(mmdit, dim, alpha, sd3_args) if mmdit is not None else []
-    dropout = neuron_dropout if neuron_dropout is not None else common.dropout
     # --text_encoder_lr takes CLIP-L's, CLIP-G's and T5's lr, whether or not T5 has modules
-    return assemble_network(plan_text_encoder_modules(scopes, dim, alpha), mmdit_plan, multiplier=multiplier,
-                            dropout=dropout, common=common, num_text_encoders=3, train_t5xxl=sd3_args.train_t5xxl)
+    return assemble_network(scopes, mmdit_plan, dim=dim, alpha=alpha, multiplier=multiplier,
+                            neuron_dropout=neuron_dropout, common=common, num_text_encoders=3,
+                            train_t5xxl=sd3_args.train_t5xxl)
 
 
 def create_network_from_weights(

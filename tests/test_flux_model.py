@@ -24,7 +24,7 @@ from library.families.flux.model import (
     text_ids,
     unpack_latents,
 )
-from library.families.flux import model as flux_model
+from library.families import dit_memory
 from library.families.offload import BlockOffloader
 from tests.reference import load_reference
 
@@ -284,8 +284,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(cpu_offload, monkeypatc
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(flux_model, "checkpoint", counting("checkpoint", flux_model.checkpoint))
-    monkeypatch.setattr(flux_model, "save_on_cpu_async", counting("save_on_cpu", flux_model.save_on_cpu_async))
+    monkeypatch.setattr(dit_memory, "checkpoint", counting("checkpoint", dit_memory.checkpoint))
+    monkeypatch.setattr(dit_memory, "save_on_cpu_async", counting("save_on_cpu", dit_memory.save_on_cpu_async))
     config = tiny_flux_config()
     model = _tiny_model(config).train()
     x = _inputs(config, requires_grad=True)

@@ -19,7 +19,7 @@ from library.demo.tiny_sd3 import (
     tiny_sd3_config,
     write_tiny_sd3_mmdit,
 )
-from library.families.sd3 import model as sd3_model
+from library.families import dit_memory
 from library.families.sd3.model import (
     JointBlock,
     SD3Config,
@@ -371,8 +371,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(cpu_offload, monkeypatc
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(sd3_model, "checkpoint", counting("checkpoint", sd3_model.checkpoint))
-    monkeypatch.setattr(sd3_model, "save_on_cpu_async", counting("save_on_cpu", sd3_model.save_on_cpu_async))
+    monkeypatch.setattr(dit_memory, "checkpoint", counting("checkpoint", dit_memory.checkpoint))
+    monkeypatch.setattr(dit_memory, "save_on_cpu_async", counting("save_on_cpu", dit_memory.save_on_cpu_async))
     config = tiny_sd3_config("sd35_medium")
     model = _tiny_model("sd35_medium").train()
     x = _inputs(config, requires_grad=True)

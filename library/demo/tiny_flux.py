@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from library.demo.tiny_dit import random_dit_state_dict, write_dit_file
 from library.families.flux.model import CHECKPOINT_PREFIX, Flux, FluxConfig
-from library.io_utils import save_safetensors
 
 TINY_T5_DIM = 32
 TINY_CLIP_DIM = 32
@@ -32,37 +32,19 @@ def tiny_flux_config(guidance_embed: bool = True) -> FluxConfig:
 def random_flux_state_dict(config: FluxConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Float32 weights for every key of ``Flux(config)``, the same for the same (config, seed).
 
-    Weight matrices are N(0, 1/fan_in) so activations stay O(1) through the blocks; biases are
-    small; qk-norm scales are near 1. Nothing is zero (unlike a fresh BFL init of the final layer
-    and modulations), so outputs depend on every input.
+    The recipe of :func:`library.demo.tiny_dit.random_dit_state_dict`: weight matrices
+    N(0, 1/fan_in), small biases, qk-norm scales near 1; nothing is zero (unlike a fresh BFL init
+    of the final layer and modulations), so outputs depend on every input.
     """
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Flux(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for key in sorted(shapes):  # sorted: the values do not depend on module definition order
-        shape = shapes[key]
-        noise = torch.randn(shape, generator=generator)
-        if key.endswith(".scale"):
-            value = 1.0 + 0.1 * noise
-        elif key.endswith(".bias"):
-            value = 0.02 * noise
-        else:
-            value = noise / shape[1] ** 0.5
-        state_dict[key] = value
-    return state_dict
+    return random_dit_state_dict(lambda: Flux(config), seed, norm_suffixes=(".scale",))
 
 
 def write_tiny_flux_dit(path: str | os.PathLike, *, guidance_embed: bool = True, dtype: torch.dtype = torch.float32,
                         seed: int = 0, prefix: str = "") -> Path:
     """Write the tiny DiT as a safetensors file with BFL keys (``prefix`` e.g. ``"model.diffusion_model."``)."""
-    if prefix not in ("", CHECKPOINT_PREFIX):
-        raise ValueError(f"write_tiny_flux_dit: prefix must be '' or {CHECKPOINT_PREFIX!r}, got {prefix!r}")
-    state_dict = random_flux_state_dict(tiny_flux_config(guidance_embed), seed=seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({prefix + k: v.to(dtype) for k, v in state_dict.items()}, path)
-    return path
+    return write_dit_file(path, lambda: random_flux_state_dict(tiny_flux_config(guidance_embed), seed=seed),
+                          prefix=prefix, dtype=dtype, allowed_prefixes=("", CHECKPOINT_PREFIX),
+                          caller="write_tiny_flux_dit")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from library.demo.tiny_dit import random_dit_state_dict, write_dit_file
 from library.families.sd3.model import CHECKPOINT_PREFIX, SD3Config, SD3MMDiT, sincos_pos_embed_table
-from library.io_utils import save_safetensors
 
 TINY_SD3_VARIANTS = ("sd3_medium", "sd35_large", "sd35_medium")
 TINY_CONTEXT_DIM = 32
@@ -50,29 +50,14 @@ def random_sd3_state_dict(config: SD3Config, seed: int = 0, *,
                           base_size: int = TINY_BASE_SIZE) -> dict[str, torch.Tensor]:
     """Float32 weights for every key of ``SD3MMDiT(config)``, the same for the same (config, seed).
 
-    Weight matrices are N(0, 1/fan_in) so activations stay O(1) through the blocks; biases are small;
-    qk-norm weights are near 1. Nothing is zero (unlike a fresh SAI init of the modulations and final
-    layer), so outputs depend on every input. ``pos_embed`` is the sin-cos table whose base grid is
-    ``base_size`` patches (``sincos_pos_embed_table``).
+    The recipe of :func:`library.demo.tiny_dit.random_dit_state_dict`: weight matrices
+    N(0, 1/fan_in), small biases, qk-norm weights near 1; nothing is zero (unlike a fresh SAI init of
+    the modulations and final layer), so outputs depend on every input. ``pos_embed`` is the sin-cos
+    table whose base grid is ``base_size`` patches (``sincos_pos_embed_table``), not random.
     """
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in SD3MMDiT(config).state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    state_dict = {}
-    for key in sorted(shapes):  # sorted: the values do not depend on module definition order
-        shape = shapes[key]
-        if key == "pos_embed":
-            state_dict[key] = sincos_pos_embed_table(config.hidden_size, config.pos_embed_max_size, base_size)
-            continue
-        noise = torch.randn(shape, generator=generator)
-        if key.endswith((".ln_q.weight", ".ln_k.weight")):
-            value = 1.0 + 0.1 * noise
-        elif key.endswith(".bias"):
-            value = 0.02 * noise
-        else:
-            value = noise / shape[1:].numel() ** 0.5
-        state_dict[key] = value
-    return state_dict
+    table = sincos_pos_embed_table(config.hidden_size, config.pos_embed_max_size, base_size)
+    return random_dit_state_dict(lambda: SD3MMDiT(config), seed, norm_suffixes=(".ln_q.weight", ".ln_k.weight"),
+                                 fixed={"pos_embed": table})
 
 
 def write_tiny_sd3_mmdit(path: str | os.PathLike, variant: str = "sd3_medium", *, prefix: str = CHECKPOINT_PREFIX,
@@ -80,10 +65,8 @@ def write_tiny_sd3_mmdit(path: str | os.PathLike, variant: str = "sd3_medium", *
                          adm_in_channels: int = TINY_ADM_DIM) -> Path:
     """Write the tiny MMDiT of ``variant`` as a safetensors file with SAI keys under ``prefix``
     (``"model.diffusion_model."`` as in SAI's single-file checkpoints, or ``""``)."""
-    if prefix not in ("", CHECKPOINT_PREFIX):
-        raise ValueError(f"write_tiny_sd3_mmdit: prefix must be '' or {CHECKPOINT_PREFIX!r}, got {prefix!r}")
-    state_dict = random_sd3_state_dict(tiny_sd3_config(variant, adm_in_channels=adm_in_channels), seed=seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors({prefix + k: v.to(dtype) for k, v in state_dict.items()}, path)
-    return path
+    def make_state_dict() -> dict[str, torch.Tensor]:
+        return random_sd3_state_dict(tiny_sd3_config(variant, adm_in_channels=adm_in_channels), seed=seed)
+
+    return write_dit_file(path, make_state_dict, prefix=prefix, dtype=dtype, allowed_prefixes=("", CHECKPOINT_PREFIX),
+                          caller="write_tiny_sd3_mmdit")

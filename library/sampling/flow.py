@@ -21,13 +21,13 @@ Formulas:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 __all__ = ["FLUX_BASE_SEQ_LEN", "FLUX_MAX_SEQ_LEN", "GuidedVelocityFn", "VelocityFn", "flow_shift", "flux_mu",
-           "flux_schedule", "flux_time_shift", "sample_flow", "sd3_schedule"]
+           "flux_schedule", "flux_time_shift", "sample_flow", "sample_prompt_flow", "sd3_schedule"]
 
 #: the two token counts FLUX's resolution-dependent shift is anchored at (256 = 256x256 px,
 #: 4096 = 1024x1024 px, with the 16x down-sampling of AE + 2x2 packing)
@@ -131,3 +131,23 @@ def sample_flow(velocity_fn: VelocityFn | GuidedVelocityFn, noise: torch.Tensor,
             v = out.float()
         x = x + (sigma_next - sigma) * v
     return x
+
+
+def sample_prompt_flow(encode: Callable[[list[str]], Any], velocity: Callable[[torch.Tensor, float, Any], torch.Tensor],
+                       prompt: str, negative_prompt: str | None, noise: torch.Tensor, sigmas: Sequence[float], *,
+                       cfg_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
+    """:func:`sample_flow` for one prompt, with classifier-free guidance when ``cfg_scale != 1``.
+
+    ``encode([text]) -> conditioning`` runs once for ``prompt`` and, only when guided, once for
+    ``negative_prompt`` (``None`` = the empty prompt) as the unconditional branch;
+    ``velocity(x, sigma, conditioning) -> v``. Returns the final latents (float32).
+    """
+    cond = encode([prompt])
+    guided = cfg_scale != 1.0
+    uncond = encode([negative_prompt or ""]) if guided else None
+
+    def velocity_fn(x: torch.Tensor, sigma: float):
+        v = velocity(x, sigma, cond)
+        return (v, velocity(x, sigma, uncond)) if guided else v
+
+    return sample_flow(velocity_fn, noise, sigmas, cfg_scale=cfg_scale, progress=progress)

@@ -10,7 +10,9 @@ The SD VAE key map (:mod:`library.families.sd.checkpoint.vae`) does the renaming
 
 Latents the DiT sees ("model space") are ``(z - AE_SHIFT) * AE_SCALE`` of a posterior sample ``z``;
 :func:`encode_latents` returns those (what FLUX latent caches hold), :func:`decode_latents`
-inverts them.
+inverts them. SD3's VAE is the same architecture with other statistics
+(:mod:`library.families.sd3.vae`): it reuses the loader, the folder layout and
+:func:`encode_shifted_latents` / :func:`decode_shifted_latents`.
 """
 
 from __future__ import annotations
@@ -73,10 +75,17 @@ def load_flux_ae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     return ae
 
 
-def _load_folder(path: Path, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKL:
+def vae_folder_subfolder(path: Path, flag: str) -> str | None:
+    """Where a Diffusers VAE folder keeps its ``config.json``: ``"vae"`` (a pipeline folder) or None
+    (the folder itself); :class:`CheckpointError` naming ``flag`` when neither has one."""
     subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
     if subfolder is None and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: --ae folder has neither config.json nor vae/config.json")
+        raise CheckpointError(f"{path}: {flag} folder has neither config.json nor vae/config.json")
+    return subfolder
+
+
+def _load_folder(path: Path, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKL:
+    subfolder = vae_folder_subfolder(path, "--ae")
     ae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     return ae.to(device=device, dtype=dtype).eval()
 
@@ -123,21 +132,34 @@ def ae_state_dict_bfl(ae: AutoencoderKL, *, prefix: str = "") -> dict[str, torch
 
 
 @torch.no_grad()
+def encode_shifted_latents(vae: AutoencoderKL, images: torch.Tensor, *, scale: float, shift: float,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] -> ``(z - shift) * scale`` float32 for a posterior sample
+    ``z`` (``generator`` draws its noise, on the VAE's device). The images go in the VAE's dtype."""
+    first = next(vae.parameters())
+    posterior = vae.encode(images.to(device=first.device, dtype=first.dtype)).latent_dist
+    z = posterior.sample(generator=generator)
+    return (z.float() - shift) * scale
+
+
+@torch.no_grad()
+def decode_shifted_latents(vae: AutoencoderKL, latents: torch.Tensor, *, scale: float, shift: float) -> torch.Tensor:
+    """Inverse of :func:`encode_shifted_latents`: ``latents / scale + shift`` decoded to images
+    ``[B, 3, 8h, 8w]`` float32, nominally in [-1, 1] (not clamped)."""
+    first = next(vae.parameters())
+    z = latents.float() / scale + shift
+    return vae.decode(z.to(device=first.device, dtype=first.dtype)).sample.float()
+
+
 def encode_latents(ae: AutoencoderKL, images: torch.Tensor, *, generator: torch.Generator | None = None
                    ) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [-1, 1] -> model-space latents ``[B, 16, H/8, W/8]`` float32:
     ``(z - AE_SHIFT) * AE_SCALE`` for a posterior sample ``z`` (``generator`` draws its noise, on
     the AE's device). These are what the DiT trains on and what FLUX latent caches hold."""
-    first = next(ae.parameters())
-    posterior = ae.encode(images.to(device=first.device, dtype=first.dtype)).latent_dist
-    z = posterior.sample(generator=generator)
-    return (z.float() - AE_SHIFT) * AE_SCALE
+    return encode_shifted_latents(ae, images, scale=AE_SCALE, shift=AE_SHIFT, generator=generator)
 
 
-@torch.no_grad()
 def decode_latents(ae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents -> images ``[B, 3, 8h, 8w]`` float32, nominally in [-1, 1] (not clamped;
     clamp before converting to pixels). Inverse of :func:`encode_latents`."""
-    first = next(ae.parameters())
-    z = latents.float() / AE_SCALE + AE_SHIFT
-    return ae.decode(z.to(device=first.device, dtype=first.dtype)).sample.float()
+    return decode_shifted_latents(ae, latents, scale=AE_SCALE, shift=AE_SHIFT)

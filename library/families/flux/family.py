@@ -17,37 +17,23 @@ import os
 import torch
 
 from library.args import ArgumentError
-from library.families.base import FamilyModels, ModelFamily, Prediction
+from library.families.base import FamilyModels, Prediction
+from library.families.dit_family import DiTFamily
 from library.families.flux import text as flux_text
 from library.families.flux.text import FluxTextConditioning
-from library.families.sd.family import parse_resolution
 
 logger = logging.getLogger(__name__)
 
 MODELSPEC_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
 
-#: DDPM-only flags: flow matching has no alphas_cumprod table to weight or perturb with
-_DDPM_ONLY_FLAGS = ("min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
-                    "debiased_estimation_loss", "noise_offset", "multires_noise_iterations", "zero_terminal_snr",
-                    "v_parameterization", "v2")
 
-
-def _network_arg_true(args, key: str) -> bool:
-    for item in getattr(args, "network_args", None) or []:
-        name, _, value = item.partition("=")
-        if name.strip() == key and value.strip().lower() in ("true", "1", "yes"):
-            return True
-    return False
-
-
-class FluxFamily(ModelFamily):
-    latents_stride = 8
+class FluxFamily(DiTFamily):
     latent_cache_suffix = "_flux"
-    latent_cache_suffixed_keys = True
-    bucket_reso_multiple = 16  # 8x AE, then 2x2 patches
-    tracker_name = "network_train"
     text_encoder_cache_suffix = "_flux_te.npz"
     default_network_module = "networks.lora_flux"
+    family_label = "FLUX.1"
+    flow_options = "--timestep_sampling and --weighting_scheme"
+    modelspec_implementation = MODELSPEC_IMPLEMENTATION
 
     def __init__(self) -> None:
         #: set by load_models from the DiT's weights; the metadata names the variant
@@ -66,10 +52,7 @@ class FluxFamily(ModelFamily):
         if args.network_module in ("networks.lora", "networks.dylora", "networks.oft"):
             raise ArgumentError(f"--network_module {args.network_module} is for SD/SDXL U-Nets; FLUX.1 LoRAs use "
                                 "--network_module networks.lora_flux")
-        for name in _DDPM_ONLY_FLAGS:
-            if getattr(args, name, None):
-                raise ArgumentError(f"--{name} does not apply to FLUX.1 (rectified flow, not DDPM): remove it; the "
-                                    "flow-matching options are --timestep_sampling and --weighting_scheme")
+        self._refuse_ddpm_flags(args)
         if getattr(args, "weighted_captions", False):
             raise ArgumentError("--weighted_captions is not supported for FLUX.1 (T5 has no prompt weights here): "
                                 "remove it")
@@ -86,29 +69,17 @@ class FluxFamily(ModelFamily):
         if args.split_mode:
             logger.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
             args.blocks_to_swap = args.blocks_to_swap or 18
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise ArgumentError(f"--blocks_to_swap {args.blocks_to_swap} must be 0 or more")
-        if args.blocks_to_swap and args.cpu_offload_checkpointing:
-            raise ArgumentError("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: keep one")
-        if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
-            raise ArgumentError("--cpu_offload_checkpointing needs --gradient_checkpointing")
-        if args.fp8_base_unet:
-            args.fp8_base = True  # the reference: fp8 for the DiT implies --fp8_base
-        if _network_arg_true(args, "train_t5xxl") and (getattr(args, "cache_text_encoder_outputs", False)
-                                                      or getattr(args, "cache_text_encoder_outputs_to_disk", False)):
-            raise ArgumentError("--network_args train_t5xxl=True trains T5, so its outputs cannot be cached: drop "
-                                "--cache_text_encoder_outputs(_to_disk)")
+        self._validate_training_args(args)
+
+    def _flow_config(self, args):
         from library.training.flow_matching import FlowConfig
 
-        try:
-            FlowConfig.from_args(args)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
+        return FlowConfig.from_args(args)
 
     # --- loading -------------------------------------------------------------------------------
     def load_models(self, args, device, weight_dtype) -> FamilyModels:
         from library.families.flux.loading import load_flux_models
-        from library.training.flow_matching import FlowConfig, FlowMatchingObjective
+        from library.training.flow_matching import FlowMatchingObjective
 
         loaded = load_flux_models(args.pretrained_model_name_or_path, ae_path=args.ae, clip_l_path=args.clip_l,
                                   t5_path=args.t5xxl, tokenizer_cache_dir=args.tokenizer_cache_dir,
@@ -116,7 +87,7 @@ class FluxFamily(ModelFamily):
         self.guidance_embed = loaded.config.guidance_embed
         if args.t5xxl_max_token_length is None:
             args.t5xxl_max_token_length = flux_text.default_t5_max_length(self.guidance_embed)
-        objective = FlowMatchingObjective(FlowConfig.from_args(args))
+        objective = FlowMatchingObjective(self._flow_config(args))
         return FamilyModels(denoiser=loaded.flux, vae=loaded.ae, text_encoders=[loaded.clip_l, loaded.t5],
                             tokenizers=[loaded.clip_tokenizer, loaded.t5_tokenizer],
                             extra={"objective": objective, "flux": loaded})
@@ -126,23 +97,8 @@ class FluxFamily(ModelFamily):
         return functools.partial(flux_text.tokenize, clip_tokenizer, t5_tokenizer,
                                  t5_max_length=args.t5xxl_max_token_length)
 
-    def place_denoiser(self, models: FamilyModels, args, device) -> None:
-        flux = models.denoiser
-        if args.blocks_to_swap:
-            flux.enable_block_swap(args.blocks_to_swap, torch.device(device))
-            flux.move_to_device_except_swap_blocks(torch.device(device))
-        else:
-            flux.to(device)
-
-    def fp8_text_encoders(self, models: FamilyModels, args):
-        # T5's feed-forward casts its hidden states to wo's weight dtype: keep wo out of fp8.
-        return [(models.text_encoders[1], lambda path: path.endswith(".wo"))]
-
-    def enable_gradient_checkpointing(self, models: FamilyModels, args, train_te: bool) -> None:
-        models.denoiser.enable_gradient_checkpointing(cpu_offload=bool(args.cpu_offload_checkpointing))
-        if train_te:
-            for te in models.text_encoders:
-                te.gradient_checkpointing_enable()
+    def _t5_encoder(self, models: FamilyModels):
+        return models.text_encoders[1]  # [CLIP-L, T5]: FLUX always has T5
 
     # --- per step ------------------------------------------------------------------------------
     def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
@@ -217,13 +173,8 @@ class FluxFamily(ModelFamily):
             md[f"ss_{name}"] = str(getattr(args, name))
         return md
 
-    def modelspec(self, args, timestamp: float) -> dict[str, str]:
-        from library.training.metadata import modelspec_metadata
-
-        return modelspec_metadata(args, architecture=f"flux-1-{self._variant()}/lora",
-                                  implementation=MODELSPEC_IMPLEMENTATION,
-                                  resolution=parse_resolution(args.resolution, 1024), prediction_type=None,
-                                  timestamp=timestamp, title_default=f"LoRA@{int(timestamp)}")
+    def _modelspec_architecture(self) -> str:
+        return f"flux-1-{self._variant()}"
 
     def sample_defaults(self, args):
         from library.families.flux.generation import flux_prompt_defaults

@@ -21,7 +21,7 @@ from PIL import Image
 from library.families.flux import text as flux_text
 from library.families.flux.autoencoder import AE_SCALE, AE_SHIFT
 from library.families.flux.model import image_ids, pack_latents, text_ids, unpack_latents
-from library.sampling.flow import flux_schedule, sample_flow
+from library.sampling.flow import flux_schedule, sample_prompt_flow
 from library.sampling.pipeline import latents_to_images
 from library.sampling.prompts import PromptDefaults, SamplePrompt
 
@@ -81,15 +81,8 @@ class FluxSampler:
         height, width = prompt.height // 8, prompt.width // 8
         noise = torch.randn((1, 16, height, width), generator=generator, dtype=torch.float32).to(device)
         sigmas = flux_schedule(prompt.steps, (height // 2) * (width // 2), shift=self.flux.config.guidance_embed)
-        cond = self.encode([prompt.prompt], device, dtype)
-        guided = prompt.scale != 1.0
-        uncond = self.encode([prompt.negative_prompt or ""], device, dtype) if guided else None
-
-        def velocity_fn(x: torch.Tensor, sigma: float):
-            v = self.velocity(x, sigma, cond, prompt.guidance_scale, dtype)
-            if not guided:
-                return v
-            return v, self.velocity(x, sigma, uncond, prompt.guidance_scale, dtype)
-
-        latents = sample_flow(velocity_fn, noise, sigmas, cfg_scale=prompt.scale, progress=progress)
+        latents = sample_prompt_flow(lambda texts: self.encode(texts, device, dtype),
+                                     lambda x, sigma, cond: self.velocity(x, sigma, cond, prompt.guidance_scale, dtype),
+                                     prompt.prompt, prompt.negative_prompt, noise, sigmas, cfg_scale=prompt.scale,
+                                     progress=progress)
         return latents_to_images(self.ae, latents, latent_scale=AE_SCALE, latent_shift=AE_SHIFT)[0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from library.families.dit_loading import build_dit
 from library.families.flux.model import Flux, FluxConfig, strip_flux_prefix
 from library.families.sd.checkpoint.common import CheckpointError
 from library.families.sd.loading import read_checkpoint
@@ -52,27 +53,12 @@ def load_flux_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     path = Path(path)
     state_dict = _checked_flux_state_dict(read_checkpoint(path, mmap=mmap), path)
     config = FluxConfig.from_state_dict(state_dict)
-    with torch.device("meta"):
-        model = Flux(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: the FLUX DiT file lacks {len(missing)} tensors, e.g. {missing[:3]}; "
-                              "the file is incomplete or of another model")
-    if unexpected:
-        logger.warning("%s: %d tensors are not part of the FLUX DiT and are ignored, e.g. %s", path,
-                       len(unexpected), unexpected[:3])
-    for key, value in expected.items():
-        if tuple(state_dict[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{path}: {key} has shape {list(state_dict[key].shape)}, expected "
-                                  f"{list(value.shape)} for the configuration read from the file")
-    weights = {k: state_dict[k].to(device=device, dtype=dtype) for k in expected}
-    model.load_state_dict(weights, strict=True, assign=True)
+    model = build_dit(lambda: Flux(config), state_dict, path, name="FLUX DiT", holder="FLUX DiT file", dtype=dtype,
+                      device=device, log=logger)
     logger.info("FLUX DiT %s: %s, %d double + %d single blocks, hidden %d, %s", path.name,
                 "dev (guidance embedding)" if config.guidance_embed else "schnell (no guidance embedding)",
                 config.depth, config.depth_single_blocks, config.hidden_size, dtype)
-    return model.eval()
+    return model
 
 
 @dataclass

@@ -12,14 +12,11 @@ and the guidance scale; the model multiplies both by 1000 before the sinusoidal 
 compute dtype is the dtype of the ``img`` input (or autocast's).
 
 Memory options for training: ``enable_gradient_checkpointing(cpu_offload=...)`` and
-``enable_block_swap(n, device)`` (see ``library/families/offload.py``).
+``enable_block_swap(n, device)`` (shared with SD3: ``library/families/dit_memory.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import re
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
@@ -27,17 +24,16 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from library.families.offload import BlockOffloader, save_on_cpu_async
+from library.families import dit_layers
+from library.families.dit_layers import TIMESTEP_EMBED_DIM
+from library.families.dit_layers import FinalLayer as LastLayer  # BFL's name for the shared final layer
+from library.families.dit_layers import layer_norm as _layer_norm
+from library.families.dit_memory import MIN_RESIDENT_BLOCKS  # noqa: F401 (re-exported: part of this module's API)
+from library.families.dit_memory import DiTMemoryMixin, largest_block_swap
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
-TIMESTEP_EMBED_DIM = 256
 TIME_FACTOR = 1000.0
-MIN_RESIDENT_BLOCKS = 2  # of each kind, when swapping blocks (as the reference requires)
-
-_DOUBLE_RE = re.compile(r"^double_blocks\.(\d+)\.")
-_SINGLE_RE = re.compile(r"^single_blocks\.(\d+)\.")
 
 
 def strip_flux_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,7 +61,7 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(dit_layers.TransformerWidths):
     """Architecture of a FLUX.1 DiT; defaults are FLUX.1-dev. ``out_channels`` None = ``in_channels``."""
 
     in_channels: int = 64
@@ -92,14 +88,6 @@ class FluxConfig:
                              f"{self.head_dim}")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
-    @property
     def output_channels(self) -> int:
         return self.out_channels if self.out_channels is not None else self.in_channels
 
@@ -122,8 +110,8 @@ class FluxConfig:
             elif any(k.startswith("joint_blocks.") for k in sd):
                 hint = " (this looks like an SD3 MMDiT)"
             raise ValueError(f"not a FLUX.1 DiT state dict: key 'img_in.weight' is missing{hint}")
-        depth = _count_blocks(sd, _DOUBLE_RE, "double_blocks")
-        depth_single = _count_blocks(sd, _SINGLE_RE, "single_blocks")
+        depth = dit_layers.count_numbered_blocks(sd, "double_blocks", "FLUX")
+        depth_single = dit_layers.count_numbered_blocks(sd, "single_blocks", "FLUX")
         if depth:
             norm_key, mlp_key = "double_blocks.0.img_attn.norm.query_norm.scale", "double_blocks.0.img_mlp.0.weight"
         else:
@@ -160,26 +148,14 @@ class FluxConfig:
         )
 
 
-def _count_blocks(sd: Mapping[str, torch.Tensor], pattern: re.Pattern, name: str) -> int:
-    indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
-    if indices and indices != set(range(len(indices))):
-        missing = sorted(set(range(max(indices) + 1)) - indices)
-        raise ValueError(f"FLUX state dict: {name} are not numbered 0..{max(indices)}: {missing} missing "
-                         "(renumber the blocks of a pruned model consecutively)")
-    return len(indices)
-
-
 # -- embeddings -------------------------------------------------------------------------------------
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_EMBED_DIM, max_period: float = 10000.0,
                        time_factor: float = TIME_FACTOR) -> torch.Tensor:
-    """Sinusoidal embedding ``[B, dim]`` (cos half first) of ``t * time_factor``, in float32."""
-    t = t.float() * time_factor
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    """Sinusoidal embedding ``[B, dim]`` (cos half first) of ``t * time_factor``, in float32
+    (:func:`library.families.dit_layers.timestep_embedding`; FLUX passes sigma, scaled by 1000 here)."""
+    return dit_layers.timestep_embedding(t, dim, max_period, time_factor)
 
 
 def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
@@ -187,8 +163,7 @@ def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -
 
     Axis ``i`` uses ``axes_dim[i]`` channels of each head: pairs rotated by ``id * theta^(-2k/d)``.
     """
-    # float64 keeps large positions exact; MPS has no float64.
-    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    dtype = dit_layers.precise_float_dtype(ids.device)  # float64 keeps large positions exact
     angles = []
     for axis, dim in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)
@@ -209,9 +184,7 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
     """RoPE on q, k then SDPA; ``[B, H, L, D]`` -> ``[B, L, H*D]``. ``mask``: bool, True = attend."""
-    q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return rearrange(out, "b h l d -> b l (h d)")
+    return dit_layers.attention(apply_rope(q, freqs), apply_rope(k, freqs), v, mask)
 
 
 class MLPEmbedder(nn.Module):
@@ -227,19 +200,10 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(self.silu(self.in_layer(x)))
 
 
-class RMSNorm(nn.Module):
-    """RMS norm over the last dim with a learned ``scale`` (eps 1e-6), computed in float32."""
+class RMSNorm(dit_layers.RMSNorm):
+    """RMS norm over the last dim with a learned ``scale`` (BFL's name; eps 1e-6), computed in float32."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        # The scale may be stored as fp8/bf16: compute in the activation dtype.
-        return normed * self.scale.to(x.dtype)
+    weight_name = "scale"
 
 
 class QKNorm(nn.Module):
@@ -275,7 +239,7 @@ class ModulationOut(NamedTuple):
     gate: torch.Tensor
 
     def modulate(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 + self.scale) * x + self.shift
+        return dit_layers.modulate(x, self.shift, self.scale)
 
 
 class Modulation(nn.Module):
@@ -289,10 +253,6 @@ class Modulation(nn.Module):
     def forward(self, vec: torch.Tensor) -> list[ModulationOut]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
         return [ModulationOut(*out[i:i + 3]) for i in range(0, self.multiplier, 3)]
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 def _mlp(dim: int, hidden: int) -> nn.Sequential:
@@ -362,18 +322,6 @@ class SingleStreamBlock(nn.Module):
         return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 
-class LastLayer(nn.Module):
-    def __init__(self, hidden_size: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm_final = _layer_norm(hidden_size)
-        self.linear = nn.Linear(hidden_size, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)
-        return self.linear((1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :])
-
-
 # -- the model --------------------------------------------------------------------------------------
 
 
@@ -385,16 +333,17 @@ def block_swap_plan(num_blocks: int) -> tuple[int, int]:
 
 def max_blocks_to_swap(config: FluxConfig) -> int:
     """Largest N whose plan leaves ``MIN_RESIDENT_BLOCKS`` of each kind on the device (35 for FLUX.1)."""
-    best = 0
-    for n in range(1, 2 * (config.depth + config.depth_single_blocks) + 1):
-        double, single = block_swap_plan(n)
-        if double <= config.depth - MIN_RESIDENT_BLOCKS and single <= config.depth_single_blocks - MIN_RESIDENT_BLOCKS:
-            best = n
-    return best
+    return largest_block_swap(block_swap_plan, (config.depth, config.depth_single_blocks))
 
 
-class Flux(nn.Module):
-    """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint keys."""
+class Flux(DiTMemoryMixin, nn.Module):
+    """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint keys.
+
+    ``--blocks_to_swap N`` swaps the last ``N // 2`` double and ``(N - N // 2) * 2`` single blocks
+    (:func:`block_swap_plan`); the other memory options are :class:`DiTMemoryMixin`'s.
+    """
+
+    swap_label = "FLUX"
 
     def __init__(self, config: FluxConfig) -> None:
         super().__init__()
@@ -413,70 +362,18 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(
             SingleStreamBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(hidden, self.out_channels)
+        self._init_memory_options()
 
-        self.gradient_checkpointing = False
-        self.cpu_offload_checkpointing = False
-        self.blocks_to_swap = 0
-        self._offloader: BlockOffloader | None = None
+    # -- memory options (DiTMemoryMixin) -----------------------------------------------------------
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+    def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
+        return [("double", self.double_blocks), ("single", self.single_blocks)]
 
-    @property
-    def device(self) -> torch.device:
-        return self.img_in.weight.device
+    def _swap_plan(self, num_blocks: int) -> tuple[int, int]:
+        return block_swap_plan(num_blocks)
 
-    # -- memory options ----------------------------------------------------------------------------
-
-    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
-        """Checkpoint every block in training mode; ``cpu_offload`` keeps the saved block inputs in
-        CPU memory (``--cpu_offload_checkpointing``)."""
-        self.gradient_checkpointing = True
-        self.cpu_offload_checkpointing = cpu_offload
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
-        self.cpu_offload_checkpointing = False
-
-    def enable_block_swap(self, num_blocks: int, device: torch.device | str) -> None:
-        """Keep the last ``num_blocks // 2`` double and ``(num_blocks - num_blocks // 2) * 2`` single
-        blocks in CPU memory and run them on ``device`` (``--blocks_to_swap``). Their weights must
-        be frozen. Follow with ``move_to_device_except_swap_blocks(device)``; 0 turns swapping off."""
-        limit = max_blocks_to_swap(self.config)
-        if not 0 <= num_blocks <= limit:
-            raise ValueError(f"--blocks_to_swap {num_blocks}: this FLUX model ({self.config.depth} double, "
-                             f"{self.config.depth_single_blocks} single blocks) allows at most {limit}, keeping "
-                             f"{MIN_RESIDENT_BLOCKS} blocks of each kind on the device")
-        self.blocks_to_swap = num_blocks
-        if num_blocks == 0:
-            self._offloader = None
-            return
-        n_double, n_single = block_swap_plan(num_blocks)
-        depth, depth_single = self.config.depth, self.config.depth_single_blocks
-        swapped = [*range(depth - n_double, depth), *range(depth + depth_single - n_single, depth + depth_single)]
-        self._offloader = BlockOffloader([*self.double_blocks, *self.single_blocks], swapped, device)
-
-    def move_to_device_except_swap_blocks(self, device: torch.device | str) -> None:
-        """``self.to(device)`` without moving the swapped blocks (they stay in CPU memory)."""
-        if self._offloader is None:
-            self.to(device)
-        else:
-            self._offloader.move_except_swapped(self, device)
-
-    def prepare_block_swap_before_forward(self) -> None:
-        """Send swapped blocks back to CPU memory if something moved them (no-op without swapping)."""
-        if self._offloader is not None:
-            self._offloader.send_home()
-
-    def _run_block(self, index: int, block: nn.Module, *args: torch.Tensor | None):
-        offload_inputs = self.gradient_checkpointing and self.cpu_offload_checkpointing
-        if self._offloader is not None and self._offloader.is_swapped(index):
-            return self._offloader.run(index, *args, save_inputs_on_cpu=offload_inputs)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            with save_on_cpu_async() if offload_inputs else contextlib.nullcontext():
-                return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    def _reference_weight(self) -> torch.Tensor:
+        return self.img_in.weight
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -491,8 +388,7 @@ class Flux(nn.Module):
         are then never attended to; image tokens always are).
         """
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask)
-        if self._offloader is not None:
-            self._offloader.begin_forward()
+        self._begin_forward()
         dtype = img.dtype
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps).to(dtype))

@@ -20,8 +20,8 @@ import os
 import torch
 
 from library.args import ArgumentError
-from library.families.base import FamilyModels, ModelFamily, Prediction
-from library.families.sd.family import parse_resolution
+from library.families.base import FamilyModels, Prediction
+from library.families.dit_family import DiTFamily
 from library.families.sd3 import text as sd3_text
 
 logger = logging.getLogger(__name__)
@@ -30,29 +30,16 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = {"sd3_medium": "stable-diffusion-3-medium", "sd35_large": "stable-diffusion-3-5-large",
                  "sd35_medium": "stable-diffusion-3-5-medium"}
 
-#: DDPM-only flags: flow matching has no alphas_cumprod table to weight or perturb with
-_DDPM_ONLY_FLAGS = ("min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
-                    "debiased_estimation_loss", "noise_offset", "multires_noise_iterations", "zero_terminal_snr",
-                    "v_parameterization", "v2")
 _NO_EFFECT_FLAGS = ("save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype")
 
 
-def _network_arg_true(args, key: str) -> bool:
-    for item in getattr(args, "network_args", None) or []:
-        name, _, value = item.partition("=")
-        if name.strip() == key and value.strip().lower() in ("true", "1", "yes"):
-            return True
-    return False
-
-
-class SD3Family(ModelFamily):
-    latents_stride = 8
+class SD3Family(DiTFamily):
     latent_cache_suffix = "_sd3"
-    latent_cache_suffixed_keys = True
-    bucket_reso_multiple = 16  # 8x VAE, then 2x2 patches
-    tracker_name = "network_train"
     text_encoder_cache_suffix = "_sd3_te.npz"
     default_network_module = "networks.lora_sd3"
+    family_label = "SD3"
+    flow_options = "--weighting_scheme and --training_shift"
+    modelspec_implementation = "diffusers"
 
     def __init__(self) -> None:
         #: set by load_models from the MMDiT's weights; the metadata names the variant
@@ -67,10 +54,7 @@ class SD3Family(ModelFamily):
             value = getattr(args, name, None)
             if value and not os.path.exists(value):
                 raise ArgumentError(f"--{name} {value}: no such file")
-        for name in _DDPM_ONLY_FLAGS:
-            if getattr(args, name, None):
-                raise ArgumentError(f"--{name} does not apply to SD3 (rectified flow, not DDPM): remove it; the "
-                                    "flow-matching options are --weighting_scheme and --training_shift")
+        self._refuse_ddpm_flags(args)
         for name in _NO_EFFECT_FLAGS:
             if getattr(args, name, None):
                 logger.warning("--%s has no effect (as in the reference)", name)
@@ -88,25 +72,9 @@ class SD3Family(ModelFamily):
                 raise ArgumentError(f"--{name} {value} must be in [0, 1]")
         if args.training_shift <= 0:
             raise ArgumentError(f"--training_shift {args.training_shift} must be above 0 (1.0 = no shift)")
-        if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
-            raise ArgumentError(f"--blocks_to_swap {args.blocks_to_swap} must be 0 or more")
-        if args.blocks_to_swap and args.cpu_offload_checkpointing:
-            raise ArgumentError("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: keep one")
-        if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
-            raise ArgumentError("--cpu_offload_checkpointing needs --gradient_checkpointing")
-        if args.fp8_base_unet:
-            args.fp8_base = True
-        caching = getattr(args, "cache_text_encoder_outputs", False) or getattr(args, "cache_text_encoder_outputs_to_disk", False)
-        if _network_arg_true(args, "train_t5xxl") and caching:
-            raise ArgumentError("--network_args train_t5xxl=True trains T5, so its outputs cannot be cached: drop "
-                                "--cache_text_encoder_outputs(_to_disk)")
-        try:
-            self._flow_config(args)
-        except ValueError as e:
-            raise ArgumentError(str(e)) from None
+        self._validate_training_args(args)
 
-    @staticmethod
-    def _flow_config(args):
+    def _flow_config(self, args):
         from library.training.flow_matching import FlowConfig
 
         # SD3 reads its output as an x0 estimate compared with x0, weighted by --weighting_scheme.
@@ -136,24 +104,8 @@ class SD3Family(ModelFamily):
     def make_tokenize_fn(self, models: FamilyModels, args):
         return functools.partial(sd3_text.tokenize, *models.tokenizers, t5_max_length=args.t5xxl_max_token_length)
 
-    def place_denoiser(self, models: FamilyModels, args, device) -> None:
-        mmdit = models.denoiser
-        if args.blocks_to_swap:
-            mmdit.enable_block_swap(args.blocks_to_swap, torch.device(device))
-            mmdit.move_to_device_except_swap_blocks(torch.device(device))
-        else:
-            mmdit.to(device)
-
-    def fp8_text_encoders(self, models: FamilyModels, args):
-        t5 = models.extra["sd3"].t5
-        # T5's feed-forward casts its hidden states to wo's weight dtype: keep wo out of fp8.
-        return [] if t5 is None else [(t5, lambda path: path.endswith(".wo"))]
-
-    def enable_gradient_checkpointing(self, models: FamilyModels, args, train_te: bool) -> None:
-        models.denoiser.enable_gradient_checkpointing(cpu_offload=bool(args.cpu_offload_checkpointing))
-        if train_te:
-            for te in models.text_encoders:
-                te.gradient_checkpointing_enable()
+    def _t5_encoder(self, models: FamilyModels):
+        return models.extra["sd3"].t5  # None when the run has no T5
 
     # --- per step ------------------------------------------------------------------------------
     def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
@@ -217,13 +169,8 @@ class SD3Family(ModelFamily):
             md[f"ss_{name}"] = str(getattr(args, name))
         return md
 
-    def modelspec(self, args, timestamp: float) -> dict[str, str]:
-        from library.training.metadata import modelspec_metadata
-
-        architecture = ARCHITECTURES.get(self.variant or "sd3_medium", "stable-diffusion-3-medium")
-        return modelspec_metadata(args, architecture=f"{architecture}/lora", implementation="diffusers",
-                                  resolution=parse_resolution(args.resolution, 1024), prediction_type=None,
-                                  timestamp=timestamp, title_default=f"LoRA@{int(timestamp)}")
+    def _modelspec_architecture(self) -> str:
+        return ARCHITECTURES.get(self.variant or "sd3_medium", "stable-diffusion-3-medium")
 
     def sample_defaults(self, args):
         from library.families.sd3.generation import sd3_prompt_defaults

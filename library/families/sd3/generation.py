@@ -18,7 +18,7 @@ from PIL import Image
 
 from library.families.sd3 import text as sd3_text
 from library.families.sd3.vae import SD3_VAE_SCALE, SD3_VAE_SHIFT
-from library.sampling.flow import sample_flow, sd3_schedule
+from library.sampling.flow import sample_prompt_flow, sd3_schedule
 from library.sampling.pipeline import latents_to_images
 from library.sampling.prompts import PromptDefaults, SamplePrompt
 
@@ -71,13 +71,8 @@ class SD3Sampler:
         noise = torch.randn((1, 16, prompt.height // 8, prompt.width // 8), generator=generator,
                             dtype=torch.float32).to(device)
         sigmas = sd3_schedule(prompt.steps, shift=prompt.flow_shift or self.shift)
-        cond = self.encode([prompt.prompt], device, dtype)
-        guided = prompt.scale != 1.0
-        uncond = self.encode([prompt.negative_prompt or ""], device, dtype) if guided else None
-
-        def velocity_fn(x: torch.Tensor, sigma: float):
-            v = self.velocity(x, sigma, cond, dtype)
-            return (v, self.velocity(x, sigma, uncond, dtype)) if guided else v
-
-        latents = sample_flow(velocity_fn, noise, sigmas, cfg_scale=prompt.scale, progress=progress)
+        latents = sample_prompt_flow(lambda texts: self.encode(texts, device, dtype),
+                                     lambda x, sigma, cond: self.velocity(x, sigma, cond, dtype),
+                                     prompt.prompt, prompt.negative_prompt, noise, sigmas, cfg_scale=prompt.scale,
+                                     progress=progress)
         return latents_to_images(self.vae, latents, latent_scale=SD3_VAE_SCALE, latent_shift=SD3_VAE_SHIFT)[0]

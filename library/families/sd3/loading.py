@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedTokenizerBase, T5EncoderModel
 
+from library.families.dit_loading import build_dit
 from library.families.sd.checkpoint.common import CheckpointError
 from library.families.sd.loading import read_checkpoint
 from library.families.sd3.model import CHECKPOINT_PREFIX, SD3Config, SD3MMDiT, strip_sd3_prefix
@@ -123,26 +124,11 @@ def load_sd3_mmdit(state_dict: Mapping[str, torch.Tensor], path: object = "SD3 m
         config = SD3Config.from_state_dict(mmdit_sd)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    with torch.device("meta"):
-        model = SD3MMDiT(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(mmdit_sd))
-    if missing:
-        raise CheckpointError(f"{path}: the SD3 MMDiT lacks {len(missing)} tensors, e.g. {missing[:3]}; the file is "
-                              f"incomplete or of another model")
-    unexpected = sorted(set(mmdit_sd) - set(expected))
-    if unexpected:
-        logger.warning("%s: %d tensors are not part of the SD3 MMDiT and are ignored, e.g. %s", path, len(unexpected),
-                       unexpected[:3])
-    for key, value in expected.items():
-        if tuple(mmdit_sd[key].shape) != tuple(value.shape):
-            raise CheckpointError(f"{path}: {key} has shape {list(mmdit_sd[key].shape)}, expected {list(value.shape)} "
-                                  f"for the configuration read from the file")
-    weights = {k: mmdit_sd[k].to(device=device, dtype=dtype) for k in expected}
-    model.load_state_dict(weights, strict=True, assign=True)
+    model = build_dit(lambda: SD3MMDiT(config), mmdit_sd, path, name="SD3 MMDiT", dtype=dtype, device=device,
+                      log=logger)
     logger.info("SD3 MMDiT %s: %s, %d joint blocks, hidden %d, %d heads, %s", path, sd3_variant(config), config.depth,
                 config.hidden_size, config.num_heads, dtype)
-    return model.eval()
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,31 +19,28 @@ Two training options change that (``set_pos_emb_random_crop_rate`` and ``enable_
 the definitions are ours and documented on those methods).
 
 Memory options for training: ``enable_gradient_checkpointing(cpu_offload=...)`` and
-``enable_block_swap(n, device)`` (see ``library/families/offload.py``).
+``enable_block_swap(n, device)`` (shared with FLUX: ``library/families/dit_memory.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from library.families.offload import BlockOffloader, save_on_cpu_async
+from library.families import dit_layers
+from library.families.dit_layers import TIMESTEP_EMBED_DIM, FinalLayer, RMSNorm, attention, timestep_embedding
+from library.families.dit_layers import layer_norm as _layer_norm
+from library.families.dit_layers import modulate as _modulate
+from library.families.dit_memory import MIN_RESIDENT_BLOCKS  # noqa: F401 (re-exported: part of this module's API)
+from library.families.dit_memory import DiTMemoryMixin, largest_block_swap
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
-TIMESTEP_EMBED_DIM = 256
 DEFAULT_HEAD_DIM = 64  # every SD3/3.5 model; the weights show it only through the qk-norm scale
-MIN_RESIDENT_BLOCKS = 2  # joint blocks kept on the device when swapping (as the reference requires)
 SIN_COS_THETA = 10000.0
-
-_BLOCK_RE = re.compile(r"^joint_blocks\.(\d+)\.")
 
 
 def strip_sd3_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,7 +58,7 @@ def strip_sd3_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 @dataclass(frozen=True)
-class SD3Config:
+class SD3Config(dit_layers.TransformerWidths):
     """Architecture of an SD3 / SD3.5 MMDiT; defaults are SD3 Medium.
 
     ``qk_norm``: ``"rms"`` (per-head RMS norm of q and k, SD3.5) or None. ``x_block_self_attn_layers``:
@@ -100,14 +97,6 @@ class SD3Config:
         if problems:
             raise ValueError("SD3Config: " + "; ".join(problems))
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return round(self.hidden_size * self.mlp_ratio)
-
     def context_pre_only(self, index: int) -> bool:
         """Whether joint block ``index``'s context stream is pre-only."""
         return self.final_context_pre_only and index == self.depth - 1
@@ -132,7 +121,7 @@ class SD3Config:
             elif "pos_embed.proj.weight" in sd or any(k.startswith("transformer_blocks.") for k in sd):
                 hint = " (this looks like a Diffusers SD3Transformer2DModel; convert it to the SAI layout)"
             raise ValueError(f"not an SD3 MMDiT state dict: key 'x_embedder.proj.weight' is missing{hint}")
-        depth = _count_blocks(sd)
+        depth = dit_layers.count_numbered_blocks(sd, "joint_blocks", "SD3")
         if depth == 0:
             raise ValueError("not an SD3 MMDiT state dict: no 'joint_blocks.N.*' keys")
         required = ["pos_embed", "t_embedder.mlp.0.weight", "y_embedder.mlp.0.weight", "context_embedder.weight",
@@ -192,15 +181,6 @@ class SD3Config:
         )
 
 
-def _count_blocks(sd: Mapping[str, torch.Tensor]) -> int:
-    indices = {int(m.group(1)) for k in sd if (m := _BLOCK_RE.match(k))}
-    if indices and indices != set(range(len(indices))):
-        missing = sorted(set(range(max(indices) + 1)) - indices)
-        raise ValueError(f"SD3 state dict: joint_blocks are not numbered 0..{max(indices)}: {missing} missing "
-                         "(renumber the blocks of a pruned model consecutively)")
-    return len(indices)
-
-
 def _check_modulation(sd: Mapping[str, torch.Tensor], prefix: str, hidden: int, chunks: int) -> None:
     key = f"{prefix}.adaLN_modulation.1.weight"
     if key not in sd:
@@ -212,18 +192,7 @@ def _check_modulation(sd: Mapping[str, torch.Tensor], prefix: str, hidden: int, 
 
 
 # -- sinusoidal embeddings ------------------------------------------------------------------------------
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_EMBED_DIM, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[B, dim]`` (cos half first) of ``t`` as given (SD3: sigma * 1000), float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def _float_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+# The timestep embedding is dit_layers.timestep_embedding with t as given (SD3 passes sigma * 1000).
 
 
 def sincos_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
@@ -254,7 +223,7 @@ def sincos_pos_embed_table(dim: int, max_size: int, base_size: int, *,
     ``get_2d_sincos_pos_embed(dim, M, base_size=B)`` (B = the training resolution in patches, 64 for
     1024 px). Tiny demo models use it; real checkpoints bring their own table."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    coords = torch.arange(max_size, dtype=_float_dtype(device), device=device) * (base_size / max_size)
+    coords = torch.arange(max_size, dtype=dit_layers.precise_float_dtype(device), device=device) * (base_size / max_size)
     return sincos_2d(coords, coords, dim).float()[None]
 
 
@@ -321,35 +290,8 @@ def read_pos_embed_grid(table: torch.Tensor, *, base_size: int | None = None) ->
 
 
 # -- layers ---------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """RMS norm over the last dim with a learned ``weight`` (eps 1e-6), normalised in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        # The weight may be stored as fp8/bf16: compute in the activation dtype.
-        return normed * self.weight.to(x.dtype)
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA over ``[B, H, L, D]`` -> ``[B, L, H*D]``."""
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).flatten(2)
+# RMSNorm (its weight is SAI's ``weight``), the LayerNorm, _modulate, attention and FinalLayer are the
+# ones FLUX uses too (library/families/dit_layers.py).
 
 
 class SelfAttention(nn.Module):
@@ -471,32 +413,27 @@ class MLPEmbedder(nn.Module):
         return self.mlp(x)
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, hidden: int, out_features: int) -> None:
-        super().__init__()
-        self.norm_final = _layer_norm(hidden)
-        self.linear = nn.Linear(hidden, out_features)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
-
-
 # -- the model ------------------------------------------------------------------------------------------
+
+
+def _swap_last_joint_blocks(num_blocks: int) -> tuple[int]:
+    return (num_blocks,)
 
 
 def max_blocks_to_swap(config: SD3Config) -> int:
     """Largest ``--blocks_to_swap`` that keeps ``MIN_RESIDENT_BLOCKS`` joint blocks on the device."""
-    return max(0, config.depth - MIN_RESIDENT_BLOCKS)
+    return largest_block_swap(_swap_last_joint_blocks, (config.depth,))
 
 
-class SD3MMDiT(nn.Module):
+class SD3MMDiT(DiTMemoryMixin, nn.Module):
     """The SD3 / SD3.5 MMDiT; ``state_dict()`` keys are the SAI checkpoint keys (no prefix).
 
     ``pos_embed`` is a persistent buffer (saved, not trained) filled by ``load_state_dict``; a model
-    built from a config alone holds zeros there.
+    built from a config alone holds zeros there. ``--blocks_to_swap N`` swaps the last N joint
+    blocks; the memory options are :class:`DiTMemoryMixin`'s.
     """
+
+    swap_label = "SD3"
 
     def __init__(self, config: SD3Config) -> None:
         super().__init__()
@@ -511,21 +448,21 @@ class SD3MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(JointBlock(config, i) for i in range(config.depth))
         self.final_layer = FinalLayer(hidden, config.patch_size ** 2 * config.out_channels)
 
-        self.gradient_checkpointing = False
-        self.cpu_offload_checkpointing = False
-        self.blocks_to_swap = 0
-        self._offloader: BlockOffloader | None = None
+        self._init_memory_options()
         self.pos_emb_random_crop_rate = 0.0
         self.use_scaled_pos_embed = False
         self._pos_grid: PosEmbedGrid | None = None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x_embedder.proj.weight.dtype
+    # -- memory options (DiTMemoryMixin) ---------------------------------------------------------------
 
-    @property
-    def device(self) -> torch.device:
-        return self.x_embedder.proj.weight.device
+    def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
+        return [("joint", self.joint_blocks)]
+
+    def _swap_plan(self, num_blocks: int) -> tuple[int]:
+        return _swap_last_joint_blocks(num_blocks)
+
+    def _reference_weight(self) -> torch.Tensor:
+        return self.x_embedder.proj.weight
 
     # -- position embedding ----------------------------------------------------------------------------
 
@@ -592,7 +529,7 @@ class SD3MMDiT(nn.Module):
         center = (m - base) // 2 + (base - 1) / 2
         step = base / math.sqrt(height * width)
         device = self.pos_embed.device
-        dtype = _float_dtype(device)
+        dtype = dit_layers.precise_float_dtype(device)
 
         def axis(n: int) -> torch.Tensor:
             mid = center
@@ -606,54 +543,6 @@ class SD3MMDiT(nn.Module):
         cols = axis(width)
         return sincos_2d(rows, cols, self.config.hidden_size).to(self.pos_embed.dtype)[None]
 
-    # -- memory options --------------------------------------------------------------------------------
-
-    def enable_gradient_checkpointing(self, cpu_offload: bool = False) -> None:
-        """Checkpoint every joint block in training mode; ``cpu_offload`` keeps the saved block inputs
-        in CPU memory (``--cpu_offload_checkpointing``)."""
-        self.gradient_checkpointing = True
-        self.cpu_offload_checkpointing = cpu_offload
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
-        self.cpu_offload_checkpointing = False
-
-    def enable_block_swap(self, num_blocks: int, device: torch.device | str) -> None:
-        """Keep the last ``num_blocks`` joint blocks in CPU memory and run them on ``device``
-        (``--blocks_to_swap``). Their weights must be frozen. Follow with
-        ``move_to_device_except_swap_blocks(device)``; 0 turns swapping off."""
-        limit = max_blocks_to_swap(self.config)
-        if not 0 <= num_blocks <= limit:
-            raise ValueError(f"--blocks_to_swap {num_blocks}: this SD3 model ({self.config.depth} joint blocks) "
-                             f"allows at most {limit}, keeping {MIN_RESIDENT_BLOCKS} blocks on the device")
-        self.blocks_to_swap = num_blocks
-        if num_blocks == 0:
-            self._offloader = None
-            return
-        depth = self.config.depth
-        self._offloader = BlockOffloader(list(self.joint_blocks), range(depth - num_blocks, depth), device)
-
-    def move_to_device_except_swap_blocks(self, device: torch.device | str) -> None:
-        """``self.to(device)`` without moving the swapped blocks (they stay in CPU memory)."""
-        if self._offloader is None:
-            self.to(device)
-        else:
-            self._offloader.move_except_swapped(self, device)
-
-    def prepare_block_swap_before_forward(self) -> None:
-        """Send swapped blocks back to CPU memory if something moved them (no-op without swapping)."""
-        if self._offloader is not None:
-            self._offloader.send_home()
-
-    def _run_block(self, index: int, block: nn.Module, *args: torch.Tensor):
-        offload_inputs = self.gradient_checkpointing and self.cpu_offload_checkpointing
-        if self._offloader is not None and self._offloader.is_swapped(index):
-            return self._offloader.run(index, *args, save_inputs_on_cpu=offload_inputs)
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            with save_on_cpu_async() if offload_inputs else contextlib.nullcontext():
-                return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     # -- forward ---------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
@@ -664,8 +553,7 @@ class SD3MMDiT(nn.Module):
         ``y [B, adm_in_channels]`` (pooled CLIP-L + CLIP-G).
         """
         self._check_inputs(x, timesteps, context, y)
-        if self._offloader is not None:
-            self._offloader.begin_forward()
+        self._begin_forward()
         p = self.patch_size
         height, width = x.shape[-2] // p, x.shape[-1] // p
         dtype = x.dtype

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from library.families.flux.autoencoder import ae_from_state_dict
+from library.families.flux.autoencoder import (
+    ae_from_state_dict, decode_shifted_latents, encode_shifted_latents, vae_folder_subfolder,
+)
 from library.families.sd.checkpoint import CheckpointError
 from library.families.sd.loading import read_checkpoint, use_sdpa
 from library.families.text_encoder_files import describe_state_dict
@@ -119,9 +121,7 @@ def _from_state_dict(state_dict: Mapping[str, torch.Tensor], where: object, flag
 
 
 def _load_folder(path: Path, flag: str, dtype: torch.dtype, device: str | torch.device) -> AutoencoderKL:
-    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    if subfolder is None and not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: {flag} folder has neither config.json nor vae/config.json")
+    subfolder = vae_folder_subfolder(path, flag)
     try:
         vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -131,25 +131,18 @@ def _load_folder(path: Path, flag: str, dtype: torch.dtype, device: str | torch.
     return vae.to(device=device, dtype=dtype).eval()
 
 
-@torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, *, generator: torch.Generator | None = None
                    ) -> torch.Tensor:
     """Images ``[B, 3, H, W]`` in [-1, 1] -> model-space latents ``[B, 16, H/8, W/8]`` float32:
     ``(z - SD3_VAE_SHIFT) * SD3_VAE_SCALE`` for a posterior sample ``z`` (``generator`` draws its
     noise, on the VAE's device). What the MMDiT trains on and the SD3 latent caches hold."""
-    first = next(vae.parameters())
-    posterior = vae.encode(images.to(device=first.device, dtype=first.dtype)).latent_dist
-    z = posterior.sample(generator=generator)
-    return (z.float() - SD3_VAE_SHIFT) * SD3_VAE_SCALE
+    return encode_shifted_latents(vae, images, scale=SD3_VAE_SCALE, shift=SD3_VAE_SHIFT, generator=generator)
 
 
-@torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Model-space latents -> images ``[B, 3, 8h, 8w]`` float32, nominally in [-1, 1] (not clamped).
     Inverse of :func:`encode_latents`."""
-    first = next(vae.parameters())
-    z = latents.float() / SD3_VAE_SCALE + SD3_VAE_SHIFT
-    return vae.decode(z.to(device=first.device, dtype=first.dtype)).sample.float()
+    return decode_shifted_latents(vae, latents, scale=SD3_VAE_SCALE, shift=SD3_VAE_SHIFT)
 
 
 __all__ = [
