@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.demo.shapes import write_shapes_folder
-from tests.train_helpers import base_train_args, run_script
+from tests.train_helpers import base_train_args, run_script, read_metadata, tensorboard_events
 
 SCRIPT = "flux_train_network.py"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
 
 
 def flux_args(files, out: Path, data: Path, **overrides) -> list[str]:
@@ -95,11 +89,8 @@ def test_lora_file_has_the_flux_names_and_metadata(trained, tiny_flux):
 
 
 def test_each_text_encoder_and_the_dit_get_their_learning_rate(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root, _ = trained
-    acc = EventAccumulator(str(next((root / "logs").rglob("events.out.tfevents.*"))))
-    acc.Reload()
+    acc = tensorboard_events(root / "logs")
     tags = acc.Tags()["scalars"]
     # --text_encoder_lr CLIP-L T5: train_t5xxl is off, so T5 has no modules and no group
     assert {t for t in tags if t.startswith("lr/")} == {"lr/textencoder1", "lr/unet"}
@@ -187,10 +178,7 @@ def test_text_encoder_outputs_and_latents_cached_on_disk_in_kohya_layout(tmp_pat
 
 
 def _loss_curve(logs: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(next(logs.rglob("events.out.tfevents.*"))))
-    acc.Reload()
+    acc = tensorboard_events(logs)
     return [e.value for e in acc.Scalars("loss/current")]
 
 

@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.demo.shapes import write_shapes_folder
-from tests.train_helpers import base_train_args, run_script
+from tests.train_helpers import base_train_args, run_script, read_metadata, tensorboard_events
 
 SCRIPT = "sd3_train_network.py"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
 
 
 def sd3_args(files, out: Path, data: Path, **overrides) -> list[str]:
@@ -87,11 +81,8 @@ def test_lora_file_has_the_sd3_names_and_metadata(trained, tiny_sd3):
 
 
 def test_each_clip_gets_its_learning_rate(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root, _ = trained
-    acc = EventAccumulator(str(next((root / "logs").rglob("events.out.tfevents.*"))))
-    acc.Reload()
+    acc = tensorboard_events(root / "logs")
     tags = {t for t in acc.Tags()["scalars"] if t.startswith("lr/")}
     assert tags == {"lr/textencoder1", "lr/textencoder2", "lr/unet"}  # T5 has no modules: no group
     assert all(e.value == pytest.approx(1e-3) for e in acc.Scalars("lr/textencoder1"))

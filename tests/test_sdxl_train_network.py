@@ -8,18 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.demo.shapes import write_shapes_folder
-from tests.train_helpers import base_train_args, run_script
+from tests.train_helpers import base_train_args, run_script, read_metadata, tensorboard_events
 
 SCRIPT = "sdxl_train_network.py"
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
 
 
 def sdxl_args(model: Path, out: Path, data: Path, **overrides) -> list[str]:
@@ -81,11 +75,8 @@ def test_metadata_and_file_names(trained):
 
 
 def test_each_text_encoder_gets_its_learning_rate(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root, _ = trained
-    acc = EventAccumulator(str(next((root / "logs").rglob("events.out.tfevents.*"))))
-    acc.Reload()
+    acc = tensorboard_events(root / "logs")
     assert all(e.value == pytest.approx(1e-3) for e in acc.Scalars("lr/textencoder1"))
     assert all(e.value == pytest.approx(2e-3) for e in acc.Scalars("lr/textencoder2"))
     assert all(e.value == pytest.approx(3e-3) for e in acc.Scalars("lr/unet"))

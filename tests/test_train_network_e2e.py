@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.io_utils import addnet_hashes
 from library.demo.shapes import write_shapes_folder
 from library.demo.evaluate import denoising_loss, load_images
-from tests.train_helpers import base_train_args, run_script
+from tests.train_helpers import base_train_args, run_script, read_metadata, tensorboard_events
 from tests.reference import load_reference
 
 REFERENCE_METADATA = load_reference("lora_metadata_sd1_example.json")
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +48,10 @@ def test_cli_run_writes_kohya_file_names(trained_cli_run):
 
 @pytest.mark.slow
 def test_tensorboard_has_every_step(trained_cli_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     root, _, _ = trained_cli_run
     events = list((root / "logs").rglob("events.out.tfevents.*"))
     assert len(events) == 1
-    acc = EventAccumulator(str(events[0]))
-    acc.Reload()
+    acc = tensorboard_events(root / "logs")
     current = acc.Scalars("loss/current")
     assert [e.step for e in current] == list(range(1, 61))
     assert all(e.value > 0 for e in current)

@@ -7,16 +7,10 @@ import json
 import pytest
 import toml
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.demo.shapes import write_shapes_folder
-from tests.train_helpers import base_train_args, run_script
-
-
-def read_metadata(path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
+from tests.train_helpers import base_train_args, run_script, read_metadata
 
 
 @pytest.mark.slow

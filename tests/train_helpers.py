@@ -38,3 +38,20 @@ def base_train_args(model: Path, out: Path, **overrides) -> list[str]:
     return argv
 
 
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The safetensors metadata of a saved file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def tensorboard_events(logs: Path):
+    """The one TensorBoard event file under ``logs``, loaded (``.Scalars(tag)``, ``.Tags()``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(next(Path(logs).rglob("events.out.tfevents.*"))))
+    accumulator.Reload()
+    return accumulator

@@ -71,7 +71,7 @@ def parse_block_lr(text: str | None, num_blocks: int) -> list[float] | None:
 class ModelTarget(TrainingTarget):
     """The denoiser (and optionally the text encoders) of the base model, saved as a checkpoint."""
 
-    trains_denoiser_weights = True
+    trains_base_weights = True
 
     def __init__(self, *, default_train_text_encoder: bool = False) -> None:
         #: train_db.py trains the text encoder unless told otherwise; fine_tune.py / sdxl_train.py only when asked

@@ -49,8 +49,9 @@ class TrainingTarget(abc.ABC):
 
     #: whether the text encoders run with gradients (their forward in the step is not under no_grad)
     train_text_encoder: bool = False
-    #: whether the denoiser is trained by this target (frozen base models may be stored in fp8)
-    trains_denoiser_weights: bool = False
+    #: whether this target trains base-model weights (the denoiser, and the text encoders when
+    #: ``train_text_encoder``): those are kept in ``trained_dtype``, the frozen ones in the weight dtype
+    trains_base_weights: bool = False
 
     def validate_args(self, args) -> None:
         """Flag checks of this training method, before any loading."""
@@ -111,11 +112,6 @@ class TrainingTarget(abc.ABC):
     def prompt_text(self, text: str) -> str:
         """A preview prompt (or negative prompt) as it is encoded (textual inversion expands its token)."""
         return text
-
-    @property
-    def unwrapped(self):
-        """What the loop calls the target's own methods on (the network itself for networks)."""
-        return self
 
 
 class NetworkTarget(TrainingTarget):
@@ -210,7 +206,3 @@ class NetworkTarget(TrainingTarget):
 
     def metadata_args(self) -> dict[str, str]:
         return self.network_args
-
-    @property
-    def unwrapped(self):
-        return self.network

@@ -141,7 +141,7 @@ class EmbeddingTarget(TrainingTarget):
 
     file_keys: tuple[str, ...] = ("emb_params",)
     train_text_encoder = True  # the text encoders run with gradients: they carry them to the vectors
-    trains_denoiser_weights = False
+    trains_base_weights = False
 
     def __init__(self) -> None:
         self.names: list[str] = []

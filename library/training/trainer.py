@@ -261,12 +261,12 @@ class Trainer:
         trained_dtype = target.trained_dtype(weight_dtype, args)
         # Cast (and store in fp8) on the CPU before moving: the full-precision denoiser may not fit the
         # device, and with --blocks_to_swap part of it never moves there.
-        _place(models.denoiser, "cpu", trained_dtype if target.trains_denoiser_weights else weight_dtype)
+        _place(models.denoiser, "cpu", trained_dtype if target.trains_base_weights else weight_dtype)
         fp8 = args.fp8_base or getattr(args, "fp8_base_unet", None)
         if fp8:
             logger.info("--fp8_base: %d denoiser layers store float8 weights", store_in_fp8(models.denoiser))
         self.family.place_denoiser(models, args, accelerator.device)
-        te_dtype = trained_dtype if train_te and target.trains_denoiser_weights else weight_dtype
+        te_dtype = trained_dtype if train_te and target.trains_base_weights else weight_dtype
         for te in models.text_encoders:
             # Cached outputs: the encoders wait on the CPU (in the dtype they would run in) for sampling.
             _place(te, "cpu" if caches_text_encoder_outputs(args) else accelerator.device, te_dtype)
