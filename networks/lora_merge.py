@@ -8,8 +8,11 @@ Every file ``i`` enters with a weight per module, ``w_i = ratio_i * lbw_i(block 
 (``lbw`` = 1 without ``--lbws``), and contributes ``w_i * ΔW_i`` with ``ΔW_i = alpha_i / rank_i *
 up_i @ down_i`` (:meth:`LoRAWeights.delta <networks.lora_file.LoRAWeights.delta>`):
 
-* into a checkpoint: the network built from the file (``networks.lora.create_network_from_weights``)
-  adds ``w_i * ΔW_i`` to the layer weights (``merge_to``), so the key maps are the loaders' own;
+* into a checkpoint: the network built from the file (``networks.lora.create_network_from_weights``,
+  on shape-only models made from the checkpoint's header) names the adapted layers, the family's
+  own single-file converter, traced (``library.model_tools.converter_trace``), says where each layer
+  is stored, and the checkpoint is streamed tensor by tensor with ``w_i * ΔW_i`` added where it
+  belongs, so it is never held in memory (a Diffusers folder is loaded and ``merge_to``'d instead);
 * ``--concat``: the ranks of all files are stacked, each file's factor folded into its rows, so the
   result's ΔW is exactly ``Σ w_i ΔW_i`` (rank ``Σ rank_i``);
 * same rank (no ``--concat``): ``up = Σ s_i up_i``, ``down = Σ sign(f_i) s_i down_i`` with
@@ -27,6 +30,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -455,82 +459,188 @@ def _retarget_hint(message: str) -> str:
         "use train_network.py", "use merge_lora.py")
 
 
-def _restore_untouched(merged: dict[str, torch.Tensor], checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Put back the file's own tensor wherever the models' (lower-precision) copy still equals it."""
-    from library.families.sd.loading import read_checkpoint
+def _load_for_merge(checkpoint: Path, *, family: str, v2: bool, dtype: torch.dtype, device="cpu",
+                    state_dict: dict[str, torch.Tensor] | None = None):
+    """``(models, text_encoder argument of the network)`` through the family loader."""
+    from library.families.sd.checkpoint import CheckpointError
 
-    original = read_checkpoint(checkpoint)
-    restored = 0
-    for key, value in merged.items():
-        source = original.get(key)
-        if source is not None and source.shape == value.shape and source.dtype != value.dtype and torch.equal(
-                source.to(value.dtype), value):
-            merged[key] = source
-            restored += 1
-    logger.debug("%d tensors the LoRAs did not change taken from %s unchanged", restored, checkpoint)
-    return merged
+    try:
+        if family == "sdxl":
+            from library.families.sdxl.loading import load_sdxl_models
+
+            models = load_sdxl_models(checkpoint, dtype=dtype, device=device, state_dict=state_dict)
+            return models, models.text_encoders
+        from library.families.sd.loading import load_sd_models
+
+        models = load_sd_models(checkpoint, v2=v2, dtype=dtype, device=device, state_dict=state_dict)
+        return models, models.text_encoder
+    except CheckpointError as e:
+        raise LoRAFileError(f"--sd_model {_retarget_hint(str(e))}") from None
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, str]:
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        return {}
-    from safetensors import safe_open
+def _network_for(item: LoRAInput, models, text_encoder):
+    """The file's network on ``models`` (the training loader's names and checks); ``(network, weights_sd)``."""
+    from networks.lora import create_network_from_weights
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with warnings.catch_warnings():
+            # shape-only (meta) models: the network is built for its names, its weights are not needed
+            warnings.filterwarnings("ignore", message=".*to a meta parameter.*")
+            return create_network_from_weights(item.ratio, str(item.path), models.vae, text_encoder, models.unet,
+                                               weights_sd=item.weighted_state_dict(), for_inference=True)
+    except ValueError as e:
+        message = str(e)
+        raise LoRAFileError(message if message.startswith(str(item.path)) else f"{item.path}: {message}") from None
+
+
+@dataclass
+class _Contribution:
+    """``ratio * ΔW`` rows ``[src, src + n)`` of one module go to rows ``[dst, dst + n)`` of a file tensor."""
+
+    file_index: int
+    module: LoRAWeights
+    ratio: float
+    dst: int
+    src: int
+    length: int
+
+
+def _plan_contributions(inputs: Sequence[LoRAInput], checkpoint: Path, source, *, family: str, v2: bool
+                        ) -> dict[str, list[_Contribution]]:
+    """``{file key: contributions}``: which LoRA module changes which rows of which checkpoint tensor.
+
+    The models are built on the ``meta`` device from the file's header (no weights read); each
+    file's network is created on them with the training loader's names and checks, and each
+    adapted layer is located in the file by tracing the family's own single-file converter
+    (:func:`library.model_tools.converter_trace.trace_single_file_layout`).
+    """
+    from library.model_tools.converter_trace import trace_single_file_layout
+
+    skeleton, text_encoder = _load_for_merge(checkpoint, family=family, v2=v2, dtype=torch.float32, device="meta",
+                                             state_dict=source.meta_state_dict())
+    stored = {info.name: info.shape for info in source.infos()}
+    layout = trace_single_file_layout(skeleton, stored)
+    owners: dict[int, tuple[str, str]] = {}
+    for part in ("unet", "vae", "text_encoder", "text_encoder1", "text_encoder2"):
+        module = getattr(skeleton, part, None)
+        if isinstance(module, torch.nn.Module):
+            for path, layer in module.named_modules():
+                owners.setdefault(id(layer), (part, path))
+    plan: dict[str, list[_Contribution]] = {}
+    for index, item in enumerate(inputs):
+        network, weights_sd = _network_for(item, skeleton, text_encoder)
+        modules = lora_modules(weights_sd, str(item.path))
+        for lora in network.loras:
+            part, path = owners[id(lora.org_module)]
+            param = f"{path}.weight"
+            segments = layout.get((part, param))
+            if not segments or any(seg.key not in stored for seg in segments):
+                raise LoRAFileError(f"{item.path}: module {lora.lora_name} adapts {param} of the {part}, which "
+                                    f"{checkpoint.name} does not store as a plain tensor; it cannot be merged into "
+                                    f"this file")
+            for seg in segments:
+                plan.setdefault(seg.key, []).append(_Contribution(index, modules[lora.lora_name], item.ratio,
+                                                                  seg.dst_start, seg.src_start, seg.length))
+        logger.info("%s: ratio %g, %d modules", item.path, item.ratio, len(network.loras))
+        del network, weights_sd
+    return plan
+
+
+def _merged_tensor(tensor: torch.Tensor, contributions: Sequence[_Contribution], dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` with each contribution added (in float32, rounded back to ``dtype`` after
+    each module, as merging into ``dtype`` models does), files in their given order."""
+    weight = tensor.to(dtype, copy=True)
+    for c in sorted(contributions, key=lambda c: c.file_index):
+        delta = (c.module.delta(torch.float32) * c.ratio)[c.src: c.src + c.length]
+        rows = weight[c.dst: c.dst + c.length]
+        rows.copy_((rows.float() + delta.reshape(rows.shape)).to(dtype))
+    return weight
+
+
+def _stream_merge(inputs: Sequence[LoRAInput], checkpoint: Path, save_to: Path, *, family: str, v2: bool,
+                  dtype: torch.dtype, save_dtype: torch.dtype, no_metadata: bool) -> None:
+    """Read the single file tensor by tensor, add the LoRA rows, write each tensor out: the memory
+    used is one tensor and one ΔW at a time (plus the LoRAs), whatever the checkpoint's size."""
+    from library.model_tools.tensor_files import SafetensorsWriter, TensorFileError, TensorInfo, open_tensor_file
+
+    try:
+        source = open_tensor_file(checkpoint)
+    except TensorFileError as e:
+        raise LoRAFileError(f"--sd_model {e}") from None
+    with source:
+        plan = _plan_contributions(inputs, checkpoint, source, family=family, v2=v2)
+        infos = source.infos()
+
+        def out_dtype(info: TensorInfo) -> torch.dtype:
+            return save_dtype if info.dtype.is_floating_point else info.dtype
+
+        def merged(info: TensorInfo) -> torch.Tensor:
+            tensor = source.get(info.name)
+            if info.name in plan:
+                tensor = _merged_tensor(tensor, plan[info.name], dtype)
+            return tensor.to(out_dtype(info))
+
+        bar = tqdm(infos, desc="writing", unit="tensor", disable=None, leave=False)
+        if save_to.suffix.lower() == ".safetensors":
+            metadata = {} if no_metadata else dict(source.metadata)
+            layout = [TensorInfo(info.name, out_dtype(info), info.shape) for info in infos]
+            with SafetensorsWriter(save_to, layout, metadata or None) as writer:
+                for info in bar:
+                    writer.write(info.name, merged(info))
+        else:
+            from library.io_utils import save_torch
+
+            save_torch({"state_dict": {info.name: merged(info) for info in bar}}, save_to)
+    logger.info("saved %s (%d tensors, %d changed, %s)", save_to, len(infos), len(plan),
+                str(save_dtype).replace("torch.", ""))
+
+
+def _merge_into_loaded_models(inputs: Sequence[LoRAInput], checkpoint: Path, save_to: Path, *, family: str, v2: bool,
+                              dtype: torch.dtype, save_dtype: torch.dtype) -> None:
+    """A Diffusers folder: load the models, ``merge_to`` each network, write the single file tensor by tensor."""
+    models, text_encoder = _load_for_merge(checkpoint, family=family, v2=v2, dtype=dtype)
+    for item in tqdm(inputs, desc="merging", unit="file", disable=None, leave=False):
+        network, weights_sd = _network_for(item, models, text_encoder)
+        network.merge_to(text_encoder, models.unet, weights_sd, dtype)
+        logger.info("merged %s (ratio %g, %d modules) into %s", item.path, item.ratio, len(network.loras),
+                    checkpoint.name)
+        del network, weights_sd
+    with torch.no_grad():
+        state = models.ldm_state_dict()
+    items = [(k, v.detach().to(save_dtype) if v.is_floating_point() else v.detach()) for k, v in state.items()]
+    if save_to.suffix.lower() == ".safetensors":
+        from library.model_tools.tensor_files import write_safetensors
+
+        write_safetensors(save_to, items)
+    else:
+        from library.io_utils import save_torch
+
+        save_torch({"state_dict": dict(items)}, save_to)
+    logger.info("saved %s (%d tensors, %s)", save_to, len(items), str(save_dtype).replace("torch.", ""))
 
 
 def merge_into_checkpoint(inputs: Sequence[LoRAInput], checkpoint: str | Path, save_to: str | Path, *, family: str,
                           v2: bool = False, dtype: torch.dtype = torch.float32,
                           save_dtype: torch.dtype = torch.float32, no_metadata: bool = False) -> None:
-    """Load the checkpoint, add ``ratio * ΔW`` of each file (LBW-weighted per block), write the single file.
+    """Add ``ratio * ΔW`` of each file (LBW-weighted per block) to the checkpoint, write the single file.
 
-    The models come from the family loaders and the deltas go in through the network's
-    ``merge_to``, so LoRA names and checkpoint keys are mapped by the same tables training uses.
-    Floating tensors are written in ``save_dtype``; tensors no LoRA touched keep the file's values.
+    A single file (``.safetensors``/``.ckpt``) is streamed: read one tensor at a time, changed
+    where a LoRA module adapts it, written out, so the checkpoint is never held in memory (see
+    :func:`_stream_merge`). A Diffusers folder is loaded as models, merged with the network's
+    ``merge_to`` and written as a single file. Either way the LoRA names and checkpoint keys are
+    matched by the training loaders' own tables. Floating tensors are written in ``save_dtype``
+    (tensors no LoRA touches straight from the file); adapted ones are computed in ``dtype``.
+    A ``.safetensors`` input's metadata is kept unless ``no_metadata``.
     """
-    from library.families.sd.checkpoint import CheckpointError
-    from networks.lora import create_network_from_weights
-
-    checkpoint = Path(checkpoint)
-    try:
-        if family == "sdxl":
-            from library.families.sdxl.loading import load_sdxl_models
-
-            models = load_sdxl_models(checkpoint, dtype=dtype)
-            text_encoder = models.text_encoders
-        else:
-            from library.families.sd.loading import load_sd_models
-
-            models = load_sd_models(checkpoint, v2=v2, dtype=dtype)
-            text_encoder = models.text_encoder
-    except CheckpointError as e:
-        raise LoRAFileError(f"--sd_model {_retarget_hint(str(e))}") from None
-    for item in tqdm(inputs, desc="merging", unit="file", disable=None, leave=False):
-        try:
-            network, weights_sd = create_network_from_weights(item.ratio, str(item.path), models.vae, text_encoder,
-                                                              models.unet, weights_sd=item.weighted_state_dict(),
-                                                              for_inference=True)
-            network.merge_to(text_encoder, models.unet, weights_sd, dtype)
-        except ValueError as e:
-            message = str(e)
-            raise LoRAFileError(message if message.startswith(str(item.path)) else f"{item.path}: {message}") from None
-        logger.info("merged %s (ratio %g, %d modules) into %s", item.path, item.ratio, len(network.loras), checkpoint.name)
-        del network, weights_sd
-    with torch.no_grad():
-        state = models.ldm_state_dict()
-    if dtype != torch.float32 and checkpoint.is_file():
-        state = _restore_untouched(state, checkpoint)
-    state = {k: (v.to(save_dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-    from library.io_utils import save_safetensors, save_torch
-
-    save_to = Path(save_to)
-    if save_to.suffix.lower() == ".safetensors":
-        metadata = {} if no_metadata else _checkpoint_metadata(checkpoint)
-        save_safetensors(state, save_to, metadata or None)
-    else:
-        save_torch({"state_dict": state}, save_to)
-    logger.info("saved %s (%d tensors, %s)", save_to, len(state), str(save_dtype).replace("torch.", ""))
+    checkpoint, save_to = Path(checkpoint), Path(save_to)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--sd_model {checkpoint}: no such file or folder")
+    if checkpoint.is_dir():
+        _merge_into_loaded_models(inputs, checkpoint, save_to, family=family, v2=v2, dtype=dtype,
+                                  save_dtype=save_dtype)
+        return
+    _stream_merge(inputs, checkpoint, save_to, family=family, v2=v2, dtype=dtype, save_dtype=save_dtype,
+                  no_metadata=no_metadata)
 
 
 # --- the scripts' bodies -----------------------------------------------------------------------

@@ -4,8 +4,9 @@
         --models style.safetensors detail.safetensors --ratios 0.8 0.5
     python networks/merge_lora.py --save_to both.safetensors --models a.safetensors b.safetensors --concat
 
-Same flags as kohya-ss/sd-scripts' networks/merge_lora.py; see docs/lora_tools.md. SDXL:
-sdxl_merge_lora.py; LoRAs of any ranks to a chosen rank: svd_merge_lora.py.
+Same flags as kohya-ss/sd-scripts' networks/merge_lora.py; see docs/lora_tools.md. A single-file
+checkpoint is streamed (read, merged and written one tensor at a time), so it is never held in
+memory. SDXL: sdxl_merge_lora.py; LoRAs of any ranks to a chosen rank: svd_merge_lora.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def setup_parser() -> argparse.ArgumentParser:
         description="Merge LoRAs into an SD 1.x/2.x checkpoint (--sd_model), or into one LoRA (without --sd_model).")
     parser.add_argument("--v2", action="store_true", help="the checkpoint is Stable Diffusion 2.x")
     parser.add_argument("--sd_model", type=str, default=None,
-                        help="checkpoint (.safetensors/.ckpt) to merge into; without it the LoRAs are merged into one LoRA")
+                        help="checkpoint (.safetensors/.ckpt, or a Diffusers folder) to merge into; without it the LoRAs "
+                             "are merged into one LoRA")
     add_merge_arguments(parser, models_help='LoRA files to merge', stacking=True)
     add_logging_arguments(parser)
     return parser

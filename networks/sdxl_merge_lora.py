@@ -4,7 +4,8 @@
         --models style.safetensors --ratios 0.8 --lbws "[1,1,1,1,1,0,1,1,1,1,1,1]"
 
 Same flags as kohya-ss/sd-scripts' networks/sdxl_merge_lora.py; see docs/lora_tools.md (the
-``--lbws`` layouts are listed there).
+``--lbws`` layouts are listed there). A single-file checkpoint is streamed (read, merged and written
+one tensor at a time): merging into SDXL needs the memory of the LoRAs and one tensor, not the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def setup_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Merge LoRAs into an SDXL checkpoint (--sd_model), or into one SDXL LoRA (without --sd_model).")
     parser.add_argument("--sd_model", type=str, default=None,
-                        help="SDXL checkpoint (.safetensors/.ckpt) to merge into; without it the LoRAs are merged into one LoRA")
+                        help="SDXL checkpoint (.safetensors/.ckpt, or a Diffusers folder) to merge into; without it the "
+                             "LoRAs are merged into one LoRA")
     parser.add_argument("--lbws", type=str, nargs="*", default=None,
                         help='LoRA Block Weight vector per model, e.g. "[1,0,0,1,1,1,1,1,1,1,1,1]": 12 values (BASE, '
                              'IN04 IN05 IN07 IN08, M00, OUT00-OUT05) or 20 (BASE, IN00-IN08, M00, OUT00-OUT08); '

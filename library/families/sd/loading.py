@@ -96,7 +96,8 @@ class SDModels:
 
 def load_sd_models(path: str | os.PathLike, *, v2: bool, vae_path: str | os.PathLike | None = None,
                    tokenizer_cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", keep_extras: bool = True) -> SDModels:
+                   device: str | torch.device = "cpu", keep_extras: bool = True,
+                   state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None) -> SDModels:
     """Load an SD 1.x (``v2=False``) or 2.x (``v2=True``) model.
 
     ``path``: a ``.safetensors`` / ``.ckpt`` single file in the original layout (fp32/fp16/bf16;
@@ -107,6 +108,10 @@ def load_sd_models(path: str | os.PathLike, *, v2: bool, vae_path: str | os.Path
     Weights are cast to ``dtype`` and put on ``device``; the U-Net and VAE use the SDPA attention
     processor. ``keep_extras=False`` drops the unused single-file tensors
     (``model_ema.*`` can be as large as the U-Net) when nothing will write the file back.
+    ``state_dict``: the single file's tensors when the caller already has them (e.g. ``meta``
+    tensors made from the file's header, with ``device="meta"``, for shape-only models);
+    ``variant``: the Diffusers weight variant to read from a folder (``fp16`` reads
+    ``diffusion_pytorch_model.fp16.safetensors``).
 
     Raises ``FileNotFoundError`` for a missing path and :class:`CheckpointError` (one line: what,
     where, which flag to fix) for an SDXL/FLUX/SD3/LoRA/VAE-only file or a ``--v2`` mismatch.
@@ -117,9 +122,9 @@ def load_sd_models(path: str | os.PathLike, *, v2: bool, vae_path: str | os.Path
                                 f".safetensors/.ckpt file or Diffusers folder; nothing is downloaded)")
     if path.is_dir():
         return _load_diffusers_folder(path, v2=v2, vae_path=vae_path, tokenizer_cache_dir=tokenizer_cache_dir,
-                                      dtype=dtype, device=device)
+                                      dtype=dtype, device=device, variant=variant)
     return _load_single_file(path, v2=v2, vae_path=vae_path, tokenizer_cache_dir=tokenizer_cache_dir, dtype=dtype,
-                             device=device, keep_extras=keep_extras)
+                             device=device, keep_extras=keep_extras, state_dict=state_dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +267,10 @@ def use_sdpa(model: UNet2DConditionModel | AutoencoderKL) -> None:
     model.set_attn_processor(AttnProcessor2_0())
 
 
-def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dtype, device, keep_extras: bool
-                      ) -> SDModels:
-    state_dict = read_checkpoint(path)
+def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dtype, device, keep_extras: bool,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> SDModels:
+    if state_dict is None:
+        state_dict = read_checkpoint(path)
     check_sd_state_dict(state_dict, path, v2=v2, need_vae=vae_path is None)
     used: set[str] = set()
 
@@ -301,21 +307,33 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
                     vae_shape=vae_shape, text_encoder_shape=te_shape, ldm_extras=extras, source=str(path))
 
 
-def _with_conv_projection(unet: UNet2DConditionModel, path: Path) -> UNet2DConditionModel:
-    """Rebuild a ``use_linear_projection=True`` U-Net (SD2 Diffusers folders) with 1x1 conv projections."""
+def unet_with_projections(unet: UNet2DConditionModel, *, linear: bool, path: str | os.PathLike = "U-Net"
+                          ) -> UNet2DConditionModel:
+    """The same U-Net with Linear (``linear=True``, ``use_linear_projection``, as SD2 Diffusers folders
+    have it) or 1x1-conv transformer ``proj_in``/``proj_out``; the weights are shared, only reshaped."""
+    if bool(unet.config.use_linear_projection) == linear:
+        return unet
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    config["use_linear_projection"] = False
+    config["use_linear_projection"] = linear
 
     def convert(_: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: (v[:, :, None, None] if k.endswith((".proj_in.weight", ".proj_out.weight")) and v.ndim == 2 else v)
-                for k, v in unet.state_dict().items()}
+        def reshaped(key: str, value: torch.Tensor) -> torch.Tensor:
+            if not key.endswith((".proj_in.weight", ".proj_out.weight")):
+                return value
+            if linear and value.ndim == 4:
+                return value[:, :, 0, 0]
+            if not linear and value.ndim == 2:
+                return value[:, :, None, None]
+            return value
+        return {k: reshaped(k, v) for k, v in unet.state_dict().items()}
 
     first = next(unet.parameters())
-    return materialize(lambda: UNet2DConditionModel.from_config(config), convert, "U-Net", path, first.dtype,
+    return materialize(lambda: UNet2DConditionModel.from_config(config), convert, "U-Net", Path(path), first.dtype,
                         first.device)
 
 
-def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dtype, device) -> SDModels:
+def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dtype, device,
+                           variant: str | None = None) -> SDModels:
     if (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"{path} is an SDXL Diffusers folder (text_encoder_2/): use sdxl_train_network.py")
     missing = [sub for sub in ("unet", "text_encoder") + (("vae",) if vae_path is None else ())
@@ -323,7 +341,9 @@ def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_di
     if missing:
         raise CheckpointError(f"{path} is a folder but not a Diffusers SD model: missing "
                               f"{', '.join(m + '/config.json' for m in missing)}")
-    unet_shape = UNetShape.from_diffusers_config(UNet2DConditionModel.load_config(str(path), subfolder="unet"))
+    # SD 2.x single files store Linear proj_in/proj_out, SD 1.x 1x1 convs, whatever the folder's U-Net uses
+    unet_shape = UNetShape.from_diffusers_config(UNet2DConditionModel.load_config(str(path), subfolder="unet"),
+                                                 stored_linear_projection=v2)
     te_config = CLIPTextConfig.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
     kind = text_encoder_kind_of_config(te_config)
     if kind == "openclip" and not v2:
@@ -332,13 +352,14 @@ def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_di
     if kind == "clip_l" and v2:
         raise CheckpointError(f"{path} is an SD1 model (CLIP-L text encoder) but --v2 is set: remove --v2")
 
-    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
-    if unet.config.use_linear_projection:
-        unet = _with_conv_projection(unet, path)
+    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True, variant=variant)
+    unet = unet_with_projections(unet, linear=False, path=path)
     unet = unet.to(device=device, dtype=dtype).eval()
-    text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True,
+                                                 variant=variant)
     text_encoder = text_encoder.to(device=device, dtype=dtype).eval()
-    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device)
+    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device,
+                              variant=variant if vae_path is None else None)
     use_sdpa(unet)
     use_sdpa(vae)
     logger.info("loaded SD%s Diffusers folder %s", "2" if v2 else "1", path)
@@ -349,8 +370,8 @@ def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_di
                     source=str(path))
 
 
-def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-             ) -> tuple[AutoencoderKL, VAEShape]:
+def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             variant: str | None = None) -> tuple[AutoencoderKL, VAEShape]:
     """A VAE from: a Diffusers VAE folder (``config.json``) or model folder (``vae/``); a full SD
     single file (``first_stage_model.*``); a VAE-only file with LDM keys (``encoder.down.0...``,
     optionally under ``first_stage_model.`` or ``vae.``) or diffusers keys (``encoder.down_blocks...``).
@@ -362,7 +383,7 @@ def load_vae(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, dev
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
         if subfolder is None and not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: --vae folder has neither config.json nor vae/config.json")
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, local_files_only=True, variant=variant)
         vae = vae.to(device=device, dtype=dtype).eval()
         use_sdpa(vae)
         return vae, VAEShape.from_diffusers_config(vae.config)

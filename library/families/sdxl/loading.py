@@ -90,7 +90,8 @@ class SDXLModels:
 
 def load_sdxl_models(path: str | os.PathLike, *, vae_path: str | os.PathLike | None = None,
                      tokenizer_cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", keep_extras: bool = True, mmap: bool = True) -> SDXLModels:
+                     device: str | torch.device = "cpu", keep_extras: bool = True, mmap: bool = True,
+                     state_dict: dict[str, torch.Tensor] | None = None, variant: str | None = None) -> SDXLModels:
     """Load an SDXL base model.
 
     ``path``: a ``.safetensors``/``.ckpt`` single file in the SAI layout (fp32/fp16/bf16) or a
@@ -99,6 +100,8 @@ def load_sdxl_models(path: str | os.PathLike, *, vae_path: str | os.PathLike | N
     ``tokenizer_cache_dir`` (``openai_clip-vit-large-patch14`` and
     ``laion_CLIP-ViT-bigG-14-laion2B-39B-b160k`` sub-folders), the folder's tokenizers, or open_clip's
     vocabulary. ``mmap=False`` reads a safetensors file in one go (``--disable_mmap_load_safetensors``).
+    ``state_dict``: the single file's tensors when the caller already has them (e.g. ``meta`` tensors
+    from the file's header, with ``device="meta"``); ``variant``: the Diffusers weight variant of a folder.
 
     Raises ``FileNotFoundError`` for a missing path and :class:`CheckpointError` (one line: what,
     where, which script or flag fits) for an SD1/SD2/FLUX/SD3/LoRA/refiner file.
@@ -108,11 +111,11 @@ def load_sdxl_models(path: str | os.PathLike, *, vae_path: str | os.PathLike | N
         raise FileNotFoundError(f"model not found: {path} (--pretrained_model_name_or_path must be a local "
                                 f".safetensors/.ckpt file or Diffusers folder; nothing is downloaded)")
     if path.is_dir():
-        models = _load_diffusers_folder(path, vae_path=vae_path, dtype=dtype, device=device)
+        models = _load_diffusers_folder(path, vae_path=vae_path, dtype=dtype, device=device, variant=variant)
         diffusers_dir: Path | None = path
     else:
         models = _load_single_file(path, vae_path=vae_path, dtype=dtype, device=device, keep_extras=keep_extras,
-                                   mmap=mmap)
+                                   mmap=mmap, state_dict=state_dict)
         diffusers_dir = None
     models.tokenizer1 = load_clip_tokenizer(v2=False, cache_dir=tokenizer_cache_dir, diffusers_dir=diffusers_dir)
     models.tokenizer2 = load_clip_tokenizer(v2=True, cache_dir=tokenizer_cache_dir, diffusers_dir=diffusers_dir,
@@ -120,8 +123,10 @@ def load_sdxl_models(path: str | os.PathLike, *, vae_path: str | os.PathLike | N
     return models
 
 
-def _load_single_file(path: Path, *, vae_path, dtype, device, keep_extras: bool, mmap: bool) -> SDXLModels:
-    state_dict = read_checkpoint(path, mmap=mmap)
+def _load_single_file(path: Path, *, vae_path, dtype, device, keep_extras: bool, mmap: bool,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> SDXLModels:
+    if state_dict is None:
+        state_dict = read_checkpoint(path, mmap=mmap)
     check_sdxl_state_dict(state_dict, path, need_vae=vae_path is None)
     used: set[str] = set()
 
@@ -178,7 +183,7 @@ def _with_time_embed_dim(shape: UNetShape, dim: int) -> UNetShape:
     return replace(shape, addition_time_embed_dim=dim)
 
 
-def _load_diffusers_folder(path: Path, *, vae_path, dtype, device) -> SDXLModels:
+def _load_diffusers_folder(path: Path, *, vae_path, dtype, device, variant: str | None = None) -> SDXLModels:
     needed = ("unet", "text_encoder", "text_encoder_2") + (("vae",) if vae_path is None else ())
     missing = [sub for sub in needed if not (path / sub / "config.json").is_file()]
     if missing:
@@ -190,13 +195,15 @@ def _load_diffusers_folder(path: Path, *, vae_path, dtype, device) -> SDXLModels
     if unet_config.get("addition_embed_type") != "text_time":
         raise CheckpointError(f"{path}/unet is not an SDXL U-Net (addition_embed_type is "
                               f"{unet_config.get('addition_embed_type')!r}, SDXL has 'text_time')")
-    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", local_files_only=True, variant=variant)
     unet = unet.to(device=device, dtype=dtype).eval()
-    te1 = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True)
-    te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", local_files_only=True)
+    te1 = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", local_files_only=True, variant=variant)
+    te2 = CLIPTextModelWithProjection.from_pretrained(str(path), subfolder="text_encoder_2", local_files_only=True,
+                                                      variant=variant)
     te1 = te1.to(device=device, dtype=dtype).eval()
     te2 = te2.to(device=device, dtype=dtype).eval()
-    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device)
+    vae, vae_shape = load_vae(vae_path if vae_path is not None else path, dtype=dtype, device=device,
+                              variant=variant if vae_path is None else None)
     use_sdpa(unet)
     use_sdpa(vae)
     logger.info("loaded SDXL Diffusers folder %s", path)
