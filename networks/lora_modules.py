@@ -8,7 +8,9 @@ undoes the swap.
 
 Only the module math and its weight-space equivalent live here; which layers get a module and
 what they are called is decided by the network (``networks/lora.py``), so other model families
-(SDXL, FLUX, SD3) reuse this class with their own naming.
+(SDXL, FLUX, SD3) reuse this class with their own naming. The hooking itself is
+:class:`LayerAdapter`, which other adapter kinds share (OFT in ``networks/oft.py``, the DyLoRA and
+LoRA-FA modules are :class:`LoRAModule` subclasses).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAModule", "lora_delta_weight", "is_lora_target_layer"]
+__all__ = ["LayerAdapter", "LoRAModule", "lora_delta_weight", "is_lora_target_layer"]
 
 
 def is_lora_target_layer(module: nn.Module) -> bool:
@@ -42,7 +44,68 @@ def lora_delta_weight(up: torch.Tensor, down: torch.Tensor, scale: float = 1.0) 
     return (delta * scale).reshape(up.shape[0], *down.shape[1:])
 
 
-class LoRAModule(nn.Module):
+class LayerAdapter(nn.Module):
+    """What every adapter module shares: a file-format name, a multiplier, and the forward hook.
+
+    :meth:`apply_to` routes the adapted layer's calls through the adapter's :meth:`forward`
+    (which calls :attr:`org_forward`); :meth:`restore` undoes it. The layer is held outside the
+    module tree, so its weights are never part of the adapter's parameters or state dict.
+    Subclasses implement ``forward`` and :meth:`merge_to_layer`.
+    """
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0) -> None:
+        super().__init__()
+        self.lora_name = lora_name
+        self.multiplier = float(multiplier)
+        # The adapted layer is kept in a list so it is NOT registered as a submodule: its weights
+        # must not appear in the network's state dict or parameters.
+        self._org_module: list[nn.Module] = [org_module]
+        self.org_forward: Callable[..., torch.Tensor] | None = None
+        self._had_instance_forward = False
+        self._previous_instance_forward: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def org_module(self) -> nn.Module:
+        """The layer this module adapts (not a registered submodule)."""
+        return self._org_module[0]
+
+    @property
+    def is_applied(self) -> bool:
+        return self.org_forward is not None
+
+    def apply_to(self) -> None:
+        """Route the adapted layer's calls through :meth:`forward`. Calling it twice is an error."""
+        if self.is_applied:
+            raise RuntimeError(f"{type(self).__name__} {self.lora_name} is already applied to its layer")
+        org = self.org_module
+        # Remember whether the layer already had an instance-level forward (another network
+        # applied before this one), so restore() puts back exactly what was there.
+        self._had_instance_forward = "forward" in org.__dict__
+        self._previous_instance_forward = org.__dict__.get("forward")
+        self.org_forward = org.forward
+        org.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the adapted layer its original forward back (no-op when not applied)."""
+        if not self.is_applied:
+            return
+        org = self.org_module
+        if self._had_instance_forward:
+            org.forward = self._previous_instance_forward
+        else:
+            del org.forward
+        self.org_forward = None
+        self._previous_instance_forward = None
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+
+    def merge_to_layer(self, device: torch.device | str | None = None) -> None:
+        """Fold the adapter (at its multiplier) into the layer's weights; the module must not be applied."""
+        raise NotImplementedError
+
+
+class LoRAModule(LayerAdapter):
     """Low-rank adapter for one layer.
 
     ``y = org(x) + up(dropout(down(x))) * multiplier * alpha / rank``
@@ -73,7 +136,6 @@ class LoRAModule(nn.Module):
         rank_dropout: float | None = None,
         module_dropout: float | None = None,
     ) -> None:
-        super().__init__()
         if not is_lora_target_layer(org_module):
             raise TypeError(
                 f"LoRA module {lora_name}: cannot adapt a {type(org_module).__name__}; "
@@ -81,9 +143,8 @@ class LoRAModule(nn.Module):
             )
         if int(lora_dim) <= 0:
             raise ValueError(f"LoRA module {lora_name}: rank must be a positive integer, got {lora_dim}")
-        self.lora_name = lora_name
+        super().__init__(lora_name, org_module, multiplier)
         self.lora_dim = int(lora_dim)
-        self.multiplier = float(multiplier)
         self.dropout = float(dropout or 0.0)
         self.rank_dropout = float(rank_dropout or 0.0)
         self.module_dropout = float(module_dropout or 0.0)
@@ -111,52 +172,7 @@ class LoRAModule(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha), device=device))
         self.scale = float(alpha) / self.lora_dim
 
-        # The adapted layer is kept in a list so it is NOT registered as a submodule: its weights
-        # must not appear in the network's state dict or parameters.
-        self._org_module: list[nn.Module] = [org_module]
-        self.org_forward: Callable[..., torch.Tensor] | None = None
-        self._had_instance_forward = False
-        self._previous_instance_forward: Callable[..., torch.Tensor] | None = None
-
-    # --- hooking -----------------------------------------------------------------------------
-
-    @property
-    def org_module(self) -> nn.Module:
-        """The layer this module adapts (not a registered submodule)."""
-        return self._org_module[0]
-
-    @property
-    def is_applied(self) -> bool:
-        return self.org_forward is not None
-
-    def apply_to(self) -> None:
-        """Route the adapted layer's calls through :meth:`forward`. Calling it twice is an error."""
-        if self.is_applied:
-            raise RuntimeError(f"LoRA module {self.lora_name} is already applied to its layer")
-        org = self.org_module
-        # Remember whether the layer already had an instance-level forward (another network
-        # applied before this one), so restore() puts back exactly what was there.
-        self._had_instance_forward = "forward" in org.__dict__
-        self._previous_instance_forward = org.__dict__.get("forward")
-        self.org_forward = org.forward
-        org.forward = self.forward
-
-    def restore(self) -> None:
-        """Give the adapted layer its original forward back (no-op when not applied)."""
-        if not self.is_applied:
-            return
-        org = self.org_module
-        if self._had_instance_forward:
-            org.forward = self._previous_instance_forward
-        else:
-            del org.forward
-        self.org_forward = None
-        self._previous_instance_forward = None
-
     # --- math --------------------------------------------------------------------------------
-
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = float(multiplier)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -198,6 +214,24 @@ class LoRAModule(nn.Module):
         up = self.lora_up.weight.to(device=device, dtype=dtype)
         down = self.lora_down.weight.to(device=device, dtype=dtype)
         return lora_delta_weight(up, down, self.scale)
+
+    @torch.no_grad()
+    def merge_to_layer(self, device: torch.device | str | None = None) -> None:
+        """``W += multiplier * up @ down * alpha/rank``, computed in float32 on ``device`` (default:
+        the layer's), the sum cast back to the layer's dtype."""
+        if self.is_applied:
+            raise RuntimeError(f"{self.lora_name} is applied to its layer; call network.restore() before merge_to")
+        weight = self.org_module.weight
+        delta = self.delta_weight(torch.float32, device or weight.device) * self.multiplier
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+    @torch.no_grad()
+    def scale_delta_(self, factor: torch.Tensor) -> None:
+        """Multiply the update ``up @ down`` by ``factor`` (a 0-dim tensor): every trained factor by its
+        square root, so both stay equally large (max-norm regularisation)."""
+        root = factor.sqrt()
+        for param in self.parameters():
+            param.mul_(root.to(param.device, param.dtype))
 
     def extra_repr(self) -> str:
         return f"name={self.lora_name}, rank={self.lora_dim}, scale={self.scale:g}, multiplier={self.multiplier:g}"

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -19,7 +19,7 @@ from torch import nn
 
 from library.io_utils import addnet_hashes, save_safetensors, save_torch
 from networks.lora_diagnostics import format_key_list, guess_lora_kind
-from networks.lora_modules import LoRAModule, lora_delta_weight
+from networks.lora_modules import LoRAModule
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,14 @@ class LoRANetwork(nn.Module):
     into the base models by :meth:`apply_to`. Attributes read by trainers: ``text_encoder_loras``,
     ``unet_loras`` (lists of :class:`LoRAModule`), ``train_unet``, ``train_text_encoder``,
     ``multiplier``.
+
+    ``module_class`` builds each module, called like :class:`LoRAModule` (``name, layer,
+    multiplier, rank, alpha, dropout=, rank_dropout=, module_dropout=``): the LoRA variants
+    (``networks/dylora.py``, ``networks/lora_fa.py``) and OFT (``networks/oft.py``) pass their own
+    module class and reuse everything else. :attr:`module_kind` names the modules in logs.
     """
+
+    module_kind = "LoRA"
 
     def __init__(
         self,
@@ -119,6 +126,7 @@ class LoRANetwork(nn.Module):
         loraplus_text_encoder_lr_ratio: float | None = None,
         block_lr_weights: Sequence[float] | None = None,
         name_aliases: Mapping[str, str] | None = None,
+        module_class: Callable[..., LoRAModule] = LoRAModule,
     ) -> None:
         super().__init__()
         self.multiplier = float(multiplier)
@@ -140,7 +148,7 @@ class LoRANetwork(nn.Module):
         for plan in planned:
             if plan.lora_name in self._modules:
                 raise ValueError(f"two layers map to the same LoRA name {plan.lora_name}; the naming scheme is ambiguous")
-            lora = LoRAModule(
+            lora = module_class(
                 plan.lora_name, plan.layer, self.multiplier, plan.rank, plan.alpha,
                 dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
             )
@@ -152,8 +160,8 @@ class LoRANetwork(nn.Module):
                 self._te_index[plan.lora_name] = plan.te_index
         self.train_text_encoder = bool(self.text_encoder_loras)
         self.train_unet = bool(self.unet_loras)
-        logger.info("create LoRA for Text Encoder: %d modules.", len(self.text_encoder_loras))
-        logger.info("create LoRA for U-Net: %d modules.", len(self.unet_loras))
+        logger.info("create %s for Text Encoder: %d modules.", self.module_kind, len(self.text_encoder_loras))
+        logger.info("create %s for U-Net: %d modules.", self.module_kind, len(self.unet_loras))
 
     @property
     def loras(self) -> list[LoRAModule]:
@@ -186,7 +194,8 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             lora.apply_to()
         logger.info(
-            "LoRA applied: %d text encoder modules, %d U-Net modules", len(self.text_encoder_loras), len(self.unet_loras)
+            "%s applied: %d text encoder modules, %d U-Net modules", self.module_kind, len(self.text_encoder_loras),
+            len(self.unet_loras)
         )
 
     def restore(self) -> None:
@@ -372,7 +381,7 @@ class LoRANetwork(nn.Module):
         self, text_encoder: Any = None, unet: Any = None, weights_sd: Mapping[str, torch.Tensor] | None = None,
         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ) -> None:
-        """Add ``multiplier * up @ down * alpha/rank`` to the adapted layers' weights.
+        """Fold every module into its layer's weights (LoRA: add ``multiplier * up @ down * alpha/rank``).
 
         ``weights_sd`` (if given) is loaded first, and only modules it contains are merged; with
         ``None`` every module is merged with its current weights. The delta is computed in
@@ -389,13 +398,9 @@ class LoRANetwork(nn.Module):
         for lora in self.loras:
             if names is not None and lora.lora_name not in names:
                 continue
-            if lora.is_applied:
-                raise RuntimeError(f"{lora.lora_name} is applied to its layer; call network.restore() before merge_to")
-            weight = lora.org_module.weight
-            delta = lora.delta_weight(torch.float32, device or weight.device) * lora.multiplier
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            lora.merge_to_layer(device)  # each module kind knows its weight-space form
             merged += 1
-        logger.info("merged %d LoRA modules into the model weights", merged)
+        logger.info("merged %d %s modules into the model weights", merged, self.module_kind)
 
     @torch.no_grad()
     def apply_max_norm_regularization(
@@ -403,7 +408,8 @@ class LoRANetwork(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale down modules whose ``||up @ down * alpha/rank||`` exceeds ``max_norm_value``.
 
-        Both factors are multiplied by ``sqrt(max_norm / norm)``. Returns ``(keys_scaled,
+        The update is scaled by ``max_norm / norm`` (``LoRAModule.scale_delta_``: both factors by its
+        square root). Returns ``(keys_scaled,
         mean_norm, max_norm)`` over the norms after capping as 0-dim float tensors on ``device``,
         *without* a host sync: the trainer runs this every step but needs the numbers only when it
         logs, so it converts them then (``float(t)`` / ``int(t)`` work on the tensors as on the
@@ -414,12 +420,9 @@ class LoRANetwork(nn.Module):
             return zero, zero, zero
         norms = []
         for lora in self.loras:
-            down, up = lora.lora_down.weight, lora.lora_up.weight
-            norm = lora_delta_weight(up.to(device, torch.float32), down.to(device, torch.float32), lora.scale).norm()
+            norm = lora.delta_weight(torch.float32, device).norm()
             ratio = torch.clamp(max_norm_value / norm, max=1.0)  # a zero norm gives inf -> 1
-            factor = ratio.sqrt()
-            down.mul_(factor.to(down.device, down.dtype))
-            up.mul_(factor.to(up.device, up.dtype))
+            lora.scale_delta_(ratio)  # LoRA: both factors by sqrt(ratio); LoRA-FA: only up, by ratio
             norms.append(torch.stack([norm, norm * ratio]))
         stacked = torch.stack(norms)
         return (stacked[:, 0] > max_norm_value).sum().float(), stacked[:, 1].mean(), stacked[:, 1].max()

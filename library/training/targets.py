@@ -154,7 +154,9 @@ class NetworkTarget(TrainingTarget):
             info = network.load_weights(args.network_weights)
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
         self.network, self.prepared, self.network_args = network, network, network_args
-        self.train_text_encoder = not args.network_train_unet_only
+        # A network without text encoder modules (OFT, or a LoRA whose TE part was dropped) runs the
+        # encoders without gradients; modules that do not say so are assumed to train them.
+        self.train_text_encoder = not args.network_train_unet_only and bool(getattr(network, "train_text_encoder", True))
         self._family, self._models = family, models
 
     def prepare_for_training(self, args, family: ModelFamily, models: FamilyModels) -> None:
