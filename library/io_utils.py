@@ -20,6 +20,16 @@ if TYPE_CHECKING:  # torch is imported where tensors are written, so flag parsin
     import torch
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before any worker threads exist.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``target``; rename it over ``target`` if the block succeeds.
@@ -31,6 +41,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
+    # mkstemp makes the file owner-only (0600); give it the mode a plain open() would (0666 - umask),
+    # so saved models stay readable by the user's other tools and accounts as before.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -154,3 +154,16 @@ def test_initial_step_past_the_end_is_an_error(tmp_path):
     args = setup_network_parser().parse_args(["--output_dir", str(tmp_path), "--initial_step", "12"])
     with pytest.raises(ArgumentError, match="past --max_train_steps"):
         NetworkTrainer(family=None).resume_or_start(args, None, Schedule(3, 12, 4), _CountingScheduler())
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from library.io_utils import _UMASK, atomic_path
+
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"x")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert not [p for p in os.listdir(tmp_path) if p != "out.bin"]
