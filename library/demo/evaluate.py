@@ -65,3 +65,20 @@ def family_denoising_loss(family, models, args, latents: torch.Tensor, condition
         prediction = family.predict(models, latents, conditioning, batch or {}, args, timesteps=steps, noise=noise)
         total += torch.nn.functional.mse_loss(prediction.pred.float(), prediction.target.float()).item()
     return total / len(timesteps)
+
+
+def pixel_array(image: "Image.Image | Path", size: int = 64) -> np.ndarray:
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    return np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32)
+
+
+def nearest_distance(image: "Image.Image | Path", references: list[np.ndarray]) -> float:
+    """Mean absolute pixel difference (0-255) from ``image`` to the closest of ``references``."""
+    a = pixel_array(image, references[0].shape[0])
+    return min(float(np.abs(a - r).mean()) for r in references)
+
+
+def image_change(before: "Image.Image | Path", after: "Image.Image | Path") -> float:
+    """Mean absolute pixel difference (0-255) between two images of the same prompt and seed."""
+    return float(np.abs(pixel_array(before) - pixel_array(after)).mean())

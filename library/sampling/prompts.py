@@ -37,7 +37,7 @@ import dataclasses
 import json
 import logging
 import re
-import tomllib
+import toml  # not tomllib: that needs Python 3.11, and the README promises 3.10
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
@@ -353,8 +353,8 @@ def _load_txt(path: Path, defaults: PromptDefaults, samplers: Collection[str] | 
 
 def _load_toml(path: Path, defaults: PromptDefaults, samplers: Collection[str] | None) -> list[SamplePrompt]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except tomllib.TOMLDecodeError as e:
+        data = toml.loads(path.read_text(encoding="utf-8-sig"))
+    except toml.TomlDecodeError as e:
         raise PromptFileError(f"{path}: invalid TOML: {e}") from None
     table = data.get("prompt")
     if not isinstance(table, dict):

@@ -6,7 +6,8 @@
 
 The family is named as ``"module:Class"`` and imported only after the flags parsed, so ``--help``
 and flag errors never load torch. Errors about the user's files that are found while loading
-(a checkpoint of another family, a missing text encoder, a bad image or caption) end the run with
+(a checkpoint of another family, a missing text encoder, a bad image or caption, a bad sample-prompt
+file) and a NaN/inf loss (stopped before anything is saved from the broken weights) end the run with
 ``error: <message>`` and exit status 1 instead of a traceback; ``--console_log_level DEBUG``
 logs the traceback too.
 """
@@ -32,11 +33,13 @@ def main(setup_parser: Callable, family: str, argv: list[str] | None = None, *,
     # torch/diffusers load only once the flags are known to be good: `--help` and flag errors are instant.
     from library.data.errors import DatasetError
     from library.families.sd.checkpoint.common import CheckpointError
+    from library.sampling.prompts import PromptFileError
+    from library.training.loss_log import NonFiniteLossError
     from library.training.trainer import Trainer
 
     try:
         Trainer(_load(family)(), _load(target)()).train(args)
-    except (CheckpointError, DatasetError) as e:
+    except (CheckpointError, DatasetError, PromptFileError, NonFiniteLossError) as e:
         logger.debug("input error", exc_info=True)
         raise SystemExit(f"error: {e}") from None
 

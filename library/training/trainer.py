@@ -102,6 +102,10 @@ class Trainer:
             raise ArgumentError(f"--cache_text_encoder_outputs: this model family ({type(self.family).__name__}) "
                                 "cannot cache text encoder outputs; drop --cache_text_encoder_outputs(_to_disk)")
         optimizer_choice = choose_optimizer(args)  # a missing optimizer package fails before any loading
+        if args.sample_prompts:  # a bad prompt file fails now, not at the first preview hours later
+            from library.sampling.prompts import load_prompts
+
+            load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
         self.loss_config = LossConfig.from_args(args)
         if args.seed is None:
             args.seed = random.randint(0, 2**31 - 1)
