@@ -167,3 +167,18 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
             f.write(b"x")
     assert target.stat().st_mode & 0o777 == 0o666 & ~_UMASK
     assert not [p for p in os.listdir(tmp_path) if p != "out.bin"]
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
+    import pytest
+
+    from library.args import ArgumentError
+    from library.training.validation import check_writable_folder
+
+    check_writable_folder(str(tmp_path / "new" / "out"), "--output_dir")  # created when missing
+    assert (tmp_path / "new" / "out").is_dir()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(ArgumentError, match=r"--output_dir .*(cannot write there|is a file, not a folder)"):
+            check_writable_folder(str(bad), "--output_dir")

@@ -15,6 +15,22 @@ from library.args import ArgumentError
 logger = logging.getLogger(__name__)
 
 
+def check_writable_folder(folder: str, flag: str) -> None:
+    """Create ``folder`` if needed and prove a file can be written there, so that a bad output
+    folder stops the run now instead of at the first save after hours of training."""
+    import tempfile
+
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ArgumentError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ArgumentError(f"{flag} {folder}: cannot write there ({reason}); give a folder you can write to") from None
+
+
 def validate_training_args(args) -> None:
     """Raise :class:`ArgumentError` for the first impossible combination; warn on odd ones."""
     if args.caption_extention is not None:
@@ -25,6 +41,9 @@ def validate_training_args(args) -> None:
         raise ArgumentError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: no such file or folder")
     if args.output_dir is None:
         raise ArgumentError("--output_dir is required: the folder where the trained files are written")
+    check_writable_folder(args.output_dir, "--output_dir")
+    if getattr(args, "logging_dir", None):
+        check_writable_folder(args.logging_dir, "--logging_dir")
     if not (args.dataset_config or args.train_data_dir or args.in_json or args.dataset_class):
         raise ArgumentError("no training data: give --dataset_config, --train_data_dir or --in_json")
 
