@@ -175,10 +175,12 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
     from library.args import ArgumentError
     from library.training.validation import check_writable_folder
 
-    check_writable_folder(str(tmp_path / "new" / "out"), "--output_dir")  # created when missing
-    assert (tmp_path / "new" / "out").is_dir()
+    check_writable_folder(str(tmp_path / "new" / "out"), "--output_dir")  # may be created later: fine
+    assert not (tmp_path / "new").exists()  # nothing is left behind by the check
+    check_writable_folder(str(tmp_path), "--output_dir")
+    assert not list(tmp_path.iterdir())
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     for bad in (blocker, blocker / "sub"):
-        with pytest.raises(ArgumentError, match=r"--output_dir .*(cannot write there|is a file, not a folder)"):
+        with pytest.raises(ArgumentError, match=r"--output_dir .*(is a file)"):
             check_writable_folder(str(bad), "--output_dir")

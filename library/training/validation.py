@@ -16,19 +16,28 @@ logger = logging.getLogger(__name__)
 
 
 def check_writable_folder(folder: str, flag: str) -> None:
-    """Create ``folder`` if needed and prove a file can be written there, so that a bad output
-    folder stops the run now instead of at the first save after hours of training."""
+    """Prove that files can be written in ``folder`` (or, if it does not exist yet, that it can be
+    created), so that a bad output folder stops the run now instead of at the first save after
+    hours of training. Nothing is left behind: a missing folder is not created here."""
     import tempfile
 
-    if os.path.exists(folder) and not os.path.isdir(folder):
+    path = os.path.abspath(folder)
+    if os.path.exists(path) and not os.path.isdir(path):
         raise ArgumentError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ArgumentError(f"{flag} {folder}: cannot be created, {existing} is a file; give a folder you can write to")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if existing == path:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as e:
-        reason = e.strerror or str(e)
-        raise ArgumentError(f"{flag} {folder}: cannot write there ({reason}); give a folder you can write to") from None
+        raise ArgumentError(f"{flag} {folder}: cannot write there ({e.strerror or e}); "
+                            "give a folder you can write to") from None
 
 
 def validate_training_args(args) -> None:
