@@ -53,15 +53,13 @@ def list_images(train_data_dir: Path, *, recursive: bool = False) -> list[Path]:
     Image extensions are the ones training accepts (``library.data.images.IMAGE_EXTENSIONS``, any
     case). Raises :class:`DatasetError` when the folder does not exist.
     """
-    from library.data.images import is_image_file  # imports torch/cv2: only once flags are parsed
+    from library.data.images import list_images as images_in  # imports torch/cv2: only once flags are parsed
 
     folder = Path(train_data_dir)
     if not folder.is_dir():
         raise DatasetError(f"train_data_dir {folder} does not exist or is not a folder: give the folder holding "
                            "the images")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    images = [p for p in candidates if p.is_file() and is_image_file(p)]
-    return sorted(images, key=lambda p: p.relative_to(folder).as_posix())
+    return images_in(folder, recursive=recursive)
 
 
 def image_key(image: Path, train_data_dir: Path, *, full_path: bool = False, recursive: bool = False) -> str:

@@ -22,15 +22,17 @@ def find_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
 
     Raises :class:`CaptioningError` when ``folder`` is not a folder.
     """
-    from library.data.images import is_image_file  # imports torch/cv2: only once the flags are parsed
+    from library.data.errors import DatasetError
+    from library.data.images import list_images  # imports torch/cv2: only once the flags are parsed
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CaptioningError(f"train_data_dir {folder} does not exist or is not a folder: give the folder "
                               "holding the images")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    images = [p for p in candidates if p.is_file() and is_image_file(p)]
-    return sorted(images, key=lambda p: p.relative_to(folder).as_posix())
+    try:
+        return list_images(folder, recursive=recursive)
+    except DatasetError as e:
+        raise CaptioningError(str(e)) from None
 
 
 def load_rgb(path: str | Path):

@@ -40,13 +40,16 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive), any extension case, sorted by name."""
+def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Image files inside ``folder`` (also in its sub-folders with ``recursive``), any extension
+    case, sorted by path relative to ``folder`` (by name when not recursive)."""
+    folder = Path(folder)
     try:
-        entries = list(folder.iterdir())
+        entries = list(folder.rglob("*") if recursive else folder.iterdir())
     except OSError as e:
         raise DatasetError(f"cannot list image folder {folder}: {e.strerror or e}") from e
-    return sorted((p for p in entries if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+    return sorted((p for p in entries if p.is_file() and is_image_file(p)),
+                  key=lambda p: p.relative_to(folder).as_posix())
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
