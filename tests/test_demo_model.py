@@ -53,6 +53,9 @@ def test_quickstart_lora_learns_the_concept(tmp_path):
     assert mean(result["trigger_after"]) < 0.85 * mean(result["trigger_before"]), result
     # ... while the prompts without the trigger word change much less than the trigger prompts do.
     assert mean(result["other_change"]) < 0.6 * mean(result["trigger_change"]), result
-    assert (tmp_path / "demo" / "before_after.png").is_file()
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo" / "before_after.png") as grid:  # 5 prompts x (without, with), 2x enlarged
+        assert grid.size == (5 * 128 + 4 * 4, 2 * 128 + 4)
     with safe_open(str(tmp_path / "demo" / "output" / "sks_star.safetensors"), "pt") as f:
         assert f.metadata()["ss_network_module"] == "networks.lora"
