@@ -1,4 +1,4 @@
-"""Train a LoRA (or any network module) for FLUX.1 dev/schnell.
+"""Train a LoRA (or any network module) for FLUX.1 dev/schnell, or Chroma (``--model_type chroma``).
 
     accelerate launch flux_train_network.py --pretrained_model_name_or_path flux1-dev.safetensors \
         --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors \
@@ -20,8 +20,13 @@ def setup_parser():
     return setup_flux_network_parser()
 
 
+#: the model family of each ``--model_type``
+FAMILIES = {"flux": "library.families.flux.family:FluxFamily",
+            "chroma": "library.families.flux.chroma_family:ChromaFamily"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    train_main(setup_parser, "library.families.flux.family:FluxFamily", argv)
+    train_main(setup_parser, lambda args: FAMILIES[args.model_type], argv)
 
 
 if __name__ == "__main__":

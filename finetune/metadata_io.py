@@ -205,6 +205,9 @@ def add_merge_arguments(parser: argparse.ArgumentParser, *, what: str, default_e
 
 def run_merge(args: argparse.Namespace, *, field_name: str) -> MergeReport:
     """The whole merge script: read (``--in_json``, or an existing ``out_json``), merge, write ``out_json``."""
+    from library.training.validation import check_writable_file
+
+    check_writable_file(str(args.out_json), "out_json")  # before reading every caption of the folder
     train_dir = Path(args.train_data_dir)
     images = keyed_images(train_dir, full_path=args.full_path, recursive=args.recursive)
     in_json = args.in_json

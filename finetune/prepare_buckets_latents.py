@@ -373,7 +373,10 @@ def prepare_buckets_latents(train_data_dir: str | Path, in_json: str | Path, out
 
     from library.data import latent_cache
 
+    from library.training.validation import check_writable_file
+
     del v2  # accepted for compatibility: SD 1.x and 2.x share the VAE architecture and latent format
+    check_writable_file(str(out_json), "out_json")  # written last, after the VAE pass: check it first
     if batch_size < 1:
         raise FlagError(f"--batch_size must be >= 1 (got {batch_size})")
     if mixed_precision not in MIXED_PRECISIONS:

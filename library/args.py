@@ -119,6 +119,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     g.add_argument("--save_last_n_steps_state", type=int, default=None, help="keep only states of the last N steps")
     g.add_argument("--save_state", action="store_true", help="save the training state with every model save")
     g.add_argument("--save_state_on_train_end", action="store_true", help="save the training state at the end")
+    g.add_argument("--save_state_on_interrupt", action="store_true",
+                   help="on Ctrl-C/SIGTERM, stop at the next step and save the model and a state to --resume from")
     g.add_argument("--resume", type=str, default=None, help="training state folder to resume from")
 
     g = parser.add_argument_group("batch and length")
@@ -152,6 +154,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
     g.add_argument("--ddp_timeout", type=int, default=None, help="DDP timeout in minutes")
     g.add_argument("--ddp_gradient_as_bucket_view", action="store_true", help="DDP gradient_as_bucket_view")
     g.add_argument("--ddp_static_graph", action="store_true", help="DDP static_graph")
+    add_deepspeed_arguments(parser)
 
     g = parser.add_argument_group("models and conditioning")
     g.add_argument("--vae", type=str, default=None, help="replacement VAE (file or Diffusers folder)")
@@ -180,6 +183,23 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, support_dreamboot
                    help="sampler of the preview images")
 
     add_config_arguments(parser)
+
+
+def add_deepspeed_arguments(parser: argparse.ArgumentParser) -> None:
+    """DeepSpeed ZeRO through accelerate (the optional ``deepspeed`` package; see docs/distributed.md)."""
+    g = parser.add_argument_group("DeepSpeed (optional package)")
+    g.add_argument("--deepspeed", action="store_true", help="train with DeepSpeed ZeRO (pip install deepspeed)")
+    g.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
+    g.add_argument("--offload_optimizer_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+                   help="offload the optimizer state to cpu or nvme")
+    g.add_argument("--offload_optimizer_nvme_path", type=str, default=None, help="nvme path of the optimizer offload")
+    g.add_argument("--offload_param_device", type=str, default=None, choices=[None, "cpu", "nvme"],
+                   help="offload parameters to cpu or nvme (ZeRO 3)")
+    g.add_argument("--offload_param_nvme_path", type=str, default=None, help="nvme path of the parameter offload")
+    g.add_argument("--zero3_init_flag", action="store_true", help="ZeRO 3: build models partitioned (zero.Init)")
+    g.add_argument("--zero3_save_16bit_model", action="store_true", help="ZeRO 3: gather a 16-bit model to save")
+    g.add_argument("--fp16_master_weights_and_gradients", action="store_true",
+                   help="keep master weights and gradients in fp16 (ZeRO with cpu offload)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -371,15 +391,19 @@ def add_dit_training_arguments(parser: argparse.ArgumentParser) -> None:
 def add_flux_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of flux_train_network.py (kohya's ``add_flux_train_arguments`` and the script's own)."""
     g = parser.add_argument_group("FLUX.1")
-    g.add_argument("--clip_l", type=str, default=None, help="CLIP-L text encoder file (.safetensors)")
+    g.add_argument("--clip_l", type=str, default=None,
+                   help="CLIP-L text encoder file (.safetensors; not used by Chroma)")
     g.add_argument("--t5xxl", type=str, default=None, help="T5-XXL text encoder file (.safetensors)")
     g.add_argument("--ae", type=str, default=None, help="FLUX autoencoder file (ae.safetensors)")
+    g.add_argument("--controlnet_model_name_or_path", type=str, default=None,
+                   help="FLUX ControlNet file to start from (flux_train_control_net.py)")
     g.add_argument("--t5xxl_max_token_length", type=int, default=None,
-                   help="T5 tokens per caption (default 512 for dev, 256 for schnell)")
+                   help="T5 tokens per caption (default 512 for dev and Chroma, 256 for schnell)")
     g.add_argument("--apply_t5_attn_mask", action="store_true",
                    help="mask T5 padding tokens in T5 and in the DiT's attention")
-    g.add_argument("--guidance_scale", type=float, default=3.5,
-                   help="embedded guidance value given to FLUX.1 dev during training (1.0 is often recommended)")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="embedded guidance value given to FLUX.1 dev during training (default 3.5; 1.0 is often "
+                        "recommended) or to Chroma's approximator (default 0.0, what Chroma is trained with)")
     g.add_argument("--timestep_sampling", type=str, default="sigma",
                    choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"],
                    help="how training timesteps are drawn (default sigma; see docs/flux_train_network.md)")
@@ -391,7 +415,7 @@ def add_flux_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--discrete_flow_shift", type=float, default=3.0,
                    help="shift of the flow-matching schedule (sigma and shift sampling)")
     g.add_argument("--model_type", type=str, default="flux", choices=["flux", "chroma"],
-                   help="model type (chroma: not supported yet)")
+                   help="flux: FLUX.1 dev/schnell (CLIP-L + T5); chroma: Chroma (T5 only, no --clip_l)")
     g.add_argument("--split_mode", action="store_true", help="deprecated: same as --blocks_to_swap 18")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import toml
 
+from library import toml_text
 from library.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,35 @@ def _dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
+def _one_value(action: argparse.Action, value):
+    if action.type is None or value is None:
+        return value
+    name = {int: "an integer", float: "a number", str: "a string"}.get(action.type, f"a {action.type.__name__}")
+    # bool is an int subclass and str() takes anything: only a value the flag could be typed as passes
+    if isinstance(value, (bool, list, dict)) or (action.type is not str and not isinstance(value, (int, float, str))):
+        raise ValueError(f"expected {name}")
+    if action.type is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected an integer")
+    try:
+        return action.type(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"expected {name}") from None
+
+
+def _flag_value(action: argparse.Action, value):
+    """A TOML value as the flag's value, exactly as if it had been typed on the command line (a
+    number given for a str flag such as lr_warmup_steps becomes a str); ValueError says what fits."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):  # a list flag: a single value is a list of one
+        return [_one_value(action, v) for v in (value if isinstance(value, list) else [value])]
+    if isinstance(value, list):
+        raise ValueError("expected a single value, not a list")
+    return _one_value(action, value)
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` honouring ``--config_file`` (file values first, command line wins) and
     ``--output_config`` (write the non-default values to the config file and exit)."""
@@ -62,7 +92,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     if not path.is_file():
         parser.error(f"--config_file: {path} does not exist")
     try:
-        values = _flatten(toml.load(path))
+        values = _flatten(toml_text.loads(path.read_text(encoding="utf-8-sig")))
+    except UnicodeDecodeError as e:
+        parser.error(f"--config_file: {path} is not UTF-8 (invalid byte at offset {e.start}): re-save it as UTF-8")
     except toml.TomlDecodeError as e:
         parser.error(f"--config_file: {path} is not valid TOML: {e}")
 
@@ -73,14 +105,12 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             parser.error(f"--config_file {path}: unknown argument '{key}'{hint}")
         action = actions[key]
-        # TOML already has types; but a number given for a str flag (e.g. lr_warmup_steps) must
-        # reach the code as the flag's type, exactly as if it had been typed on the command line.
-        if action.type is not None and value is not None and not isinstance(value, list):
-            try:
-                values[key] = action.type(value) if not isinstance(value, bool) else value
-            except (TypeError, ValueError):
-                parser.error(f"--config_file {path}: '{key}' = {value!r} is not a valid {action.type.__name__}")
-        if action.choices is not None and values[key] not in action.choices:
+        try:
+            values[key] = _flag_value(action, value)
+        except ValueError as e:
+            parser.error(f"--config_file {path}: '{key}' = {value!r}: {e}")
+        converted = values[key] if isinstance(values[key], list) else [values[key]]
+        if action.choices is not None and any(v not in action.choices for v in converted):
             parser.error(f"--config_file {path}: '{key}' = {value!r} is not one of {list(c for c in action.choices if c is not None)}")
     parser.set_defaults(**values)
     args = parser.parse_args(argv)

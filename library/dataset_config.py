@@ -14,6 +14,12 @@ images; ``--in_json`` makes one fine-tuning subset (images in ``--train_data_dir
 sub-folder (not of the regularization ones); with ``--dataset_config`` it is ignored and each
 subset names its own ``conditioning_data_dir``.
 
+ControlNet datasets (``conditioning_images=True``, the ControlNet trainers): every subset is an image
+folder whose ``conditioning_data_dir`` holds one conditioning image per image (same file stem); the
+batches carry them as ``conditioning_images``. CLI-only, ``--train_data_dir`` is that image folder
+itself (not a parent of ``<repeats>_<name>`` folders) and ``--conditioning_data_dir`` its
+conditioning folder, as in the reference.
+
 Errors are :class:`~library.data.errors.DatasetError` with the file, folder or key path at fault.
 """
 
@@ -30,14 +36,16 @@ from typing import Any, Callable
 import toml
 import torch
 
+from library import toml_text
 from library.data.config_schema import validate_config
 from library.data.custom import load_custom_dataset
 from library.data.dataset import make_dataset
 from library.data.errors import DatasetError
 from library.data.group import DatasetGroup
-from library.data.images import is_image_file
-from library.data.params import DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
-from library.data.subsets import ValidationSplit, check_mask_folders
+from library.data.images import is_image_file, list_images
+from library.data.params import (ControlNetSubsetParams, DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams,
+                                 SubsetParams)
+from library.data.subsets import ValidationSplit, check_conditioning_folders, check_mask_folders
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +132,45 @@ def _check_dataset(params: DatasetParams) -> None:
     if not 0 <= params.validation_split < 1:
         problems.append(f"validation_split must be in [0, 1) (got {params.validation_split})")
     for s in params.subsets:
+        subset = s.where.removeprefix(f"{where}.")  # "subsets[1]" after the dataset's own "where"
         for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             if not 0 <= getattr(s, name) <= 1:
-                problems.append(f"{s.where}.{name} must be in [0, 1] (got {getattr(s, name)})")
+                problems.append(f"{subset}.{name} must be in [0, 1] (got {getattr(s, name)})")
+        extension = getattr(s, "caption_extension", "")  # DreamBooth subsets only
+        if any(c in extension for c in "/\\\0"):
+            problems.append(f"{subset}.caption_extension must be a file extension such as \".txt\" (got {extension!r})")
+        if not s.caption_separator:
+            problems.append(f"{subset}.caption_separator must not be empty (the default is \",\")")
+        if s.face_crop_aug_range is not None and not 0 < s.face_crop_aug_range[0] <= s.face_crop_aug_range[1]:
+            problems.append(f"{subset}.face_crop_aug_range must be [min, max] with 0 < min <= max, e.g. [2.0, 4.0] "
+                            f"(got {list(s.face_crop_aug_range)})")
     if problems:
         raise DatasetError(f"{where}: " + "; ".join(problems))
 
 
-def _dataset_kind(dataset: dict, where: str, *, masked_loss: bool = False) -> str:
+def _check_controlnet_dataset(dataset: dict, where: str) -> None:
+    """Every subset of a ControlNet dataset is an image folder with a conditioning_data_dir: one error
+    naming every subset that is not."""
+    problems = []
+    for i, s in enumerate(dataset.get("subsets", [])):
+        missing = [key for key in ("image_dir", "conditioning_data_dir") if key not in s]
+        if missing:
+            problems.append(f"{where}.subsets[{i}] has no {' and no '.join(missing)}")
+        if "metadata_file" in s:
+            problems.append(f"{where}.subsets[{i}] has metadata_file (ControlNet subsets are image folders)")
+        if s.get("is_reg"):
+            problems.append(f"{where}.subsets[{i}] has is_reg = true (ControlNet training has no regularization "
+                            "images)")
+    if problems:
+        raise DatasetError("ControlNet training: " + "; ".join(problems) + ". Each [[datasets.subsets]] needs "
+                           "image_dir (the images) and conditioning_data_dir (one conditioning image per image, "
+                           "same file stem)")
+
+
+def _dataset_kind(dataset: dict, where: str, *, masked_loss: bool = False, controlnet: bool = False) -> str:
+    if controlnet:
+        _check_controlnet_dataset(dataset, where)
+        return "dreambooth"
     subsets = dataset.get("subsets", [])
     ft = [i for i, s in enumerate(subsets) if "metadata_file" in s]
     if ft and len(ft) != len(subsets):
@@ -154,15 +193,20 @@ def _dataset_kind(dataset: dict, where: str, *, masked_loss: bool = False) -> st
     return "fine_tuning"
 
 
-def blueprints_from_config(config: dict, args, *, source: str = "dataset config") -> list[DatasetParams]:
-    """Resolve a validated config into dataset blueprints (see the module docstring for the order)."""
+def blueprints_from_config(config: dict, args, *, source: str = "dataset config",
+                           controlnet: bool = False) -> list[DatasetParams]:
+    """Resolve a validated config into dataset blueprints (see the module docstring for the order);
+    ``controlnet``: every subset is a ControlNet subset."""
     cli = cli_values(args)
     general = config.get("general", {})
     blueprints = []
     for d, dataset in enumerate(config.get("datasets", [])):
         where = f"{source}: datasets[{d}]"
-        kind = _dataset_kind(dataset, where, masked_loss=bool(getattr(args, "masked_loss", False)))
+        kind = _dataset_kind(dataset, where, masked_loss=bool(getattr(args, "masked_loss", False)),
+                             controlnet=controlnet)
         subset_cls = DreamBoothSubsetParams if kind == "dreambooth" else FineTuningSubsetParams
+        if controlnet:
+            subset_cls = ControlNetSubsetParams
         subsets = tuple(
             _resolve(subset_cls, [subset, dataset, general], cli, {"where": f"{where}.subsets[{s}]"})
             for s, subset in enumerate(dataset.get("subsets", []))
@@ -186,7 +230,7 @@ def load_config_file(path: str | Path) -> dict:
         raise DatasetError(f"--dataset_config {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else toml.loads(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else toml_text.loads(text)
     except UnicodeDecodeError as e:
         raise DatasetError(f"dataset config {path} is not UTF-8: re-save it with UTF-8 encoding") from e
     except (ValueError, toml.TomlDecodeError) as e:  # JSONDecodeError is a ValueError
@@ -227,11 +271,40 @@ def _folder_subsets(parent: Path, *, is_reg: bool, flag: str, cli: dict,
     return subsets, seen
 
 
-def blueprints_from_cli(args) -> list[DatasetParams]:
-    """Blueprint of the single dataset the CLI-only flags describe."""
+def _controlnet_cli_subset(args, cli: dict) -> SubsetParams:
+    """The one ControlNet subset of ``--train_data_dir`` (the images) + ``--conditioning_data_dir``."""
+    train_dir, cond_dir = getattr(args, "train_data_dir", None), getattr(args, "conditioning_data_dir", None)
+    if not train_dir:
+        raise DatasetError("no training data: give --dataset_config, or --train_data_dir (the images) with "
+                           "--conditioning_data_dir (their conditioning images)")
+    if not cond_dir:
+        raise DatasetError(f"--train_data_dir {train_dir}: ControlNet training needs --conditioning_data_dir, the "
+                           "folder with one conditioning image per training image (same file stem)")
+    if getattr(args, "in_json", None):
+        raise DatasetError(f"--in_json {args.in_json}: ControlNet datasets are image folders: drop --in_json and give "
+                           "--train_data_dir and --conditioning_data_dir")
+    folder = Path(train_dir).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"--train_data_dir {folder} does not exist or is not a folder")
+    if not list_images(folder) and any(p.is_dir() for p in folder.iterdir()):
+        raise DatasetError(f"--train_data_dir {folder} has no images, only sub-folders: for ControlNet training it is "
+                           "the image folder itself (not a parent of '<repeats>_<name>' folders); give that folder, "
+                           "or one [[datasets.subsets]] per folder in a --dataset_config")
+    fixed = {"image_dir": folder, "conditioning_data_dir": Path(cond_dir).expanduser(),
+             "where": f"--train_data_dir {folder}"}
+    return _resolve(ControlNetSubsetParams, [], cli, fixed)
+
+
+def blueprints_from_cli(args, *, controlnet: bool = False) -> list[DatasetParams]:
+    """Blueprint of the single dataset the CLI-only flags describe (``controlnet``: see the module docstring)."""
     cli = cli_values(args)
     if cli.get("resolution") is None:
         raise DatasetError("--resolution is not set: pass e.g. --resolution 512 (or 'width,height')")
+    if controlnet:
+        params = _resolve(DatasetParams, [], cli, {"kind": "dreambooth", "subsets": (_controlnet_cli_subset(args, cli),),
+                                                   "where": "dataset"})
+        _check_dataset(params)
+        return [params]
     train_dir = getattr(args, "train_data_dir", None)
     mask_dir = getattr(args, "conditioning_data_dir", None)
     if mask_dir and not getattr(args, "masked_loss", False):
@@ -273,8 +346,12 @@ def _split(params: DatasetParams, part: str, seed: int) -> ValidationSplit | Non
 
 
 def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] | None = None, latents_stride: int = 8,
-                        bucket_reso_steps_multiple: int | None = None) -> tuple[Any, DatasetGroup | None]:
+                        bucket_reso_steps_multiple: int | None = None,
+                        conditioning_images: bool = False) -> tuple[Any, DatasetGroup | None]:
     """Build the training group and, when a dataset sets ``validation_split``, the validation group.
+
+    ``conditioning_images``: a ControlNet dataset (see the module docstring); batches carry
+    ``conditioning_images`` float32 [B,3,H,W] in [0,1], each cropped and flipped as its image.
 
     DreamBooth and fine-tuning datasets are split alike: each subset's images (fine-tuning: its
     metadata keys) sorted, shuffled with ``validation_seed`` (else the seed), the first
@@ -292,9 +369,10 @@ def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] |
         if ignored:
             logger.warning("%s ignored: --dataset_config is given", ", ".join(ignored))
         config = load_config_file(args.dataset_config)
-        blueprints = blueprints_from_config(config, args, source=str(args.dataset_config))
+        blueprints = blueprints_from_config(config, args, source=str(args.dataset_config),
+                                            controlnet=conditioning_images)
     else:
-        blueprints = blueprints_from_cli(args)
+        blueprints = blueprints_from_cli(args, controlnet=conditioning_images)
     seed = args.seed if getattr(args, "seed", None) is not None else random.randint(0, 2**31 - 1)
     if getattr(args, "seed", None) is None:
         logger.info("no --seed: data pipeline seed %d", seed)
@@ -304,6 +382,8 @@ def build_dataset_group(args, *, tokenize: Callable[[list[str]], torch.Tensor] |
                            "or alpha_mask = true on the subsets of " + (str(args.dataset_config) if from_config else
                                                                         "the dataset (or pass --alpha_mask)"))
     check_mask_folders(all_subsets)
+    if conditioning_images:
+        check_conditioning_folders(all_subsets)
 
     prior_loss_weight = getattr(args, "prior_loss_weight", None)
     common = dict(seed=seed, prior_loss_weight=1.0 if prior_loss_weight is None else prior_loss_weight,

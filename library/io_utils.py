@@ -8,6 +8,7 @@ the target only once complete, so a kill at any moment leaves either the old fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -30,16 +31,54 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class WriteError(OSError):
+    """An output file could not be written (full disk, no permission, a folder that cannot be made).
+
+    The message names the file the user asked for (never the temporary name) and the fix; the
+    previous version of the file, if any, is untouched.
+    """
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return str(self.strerror)
+
+
+#: errno values that mean "no room": the disk or the user's quota is full
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    # safetensors (Rust) reports I/O errors as SafetensorError text, e.g. "... No space left on device ..."
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded"))
+
+
+def _write_error(target: Path, error: BaseException) -> WriteError:
+    if _is_disk_full(error):
+        return WriteError(errno.ENOSPC, f"cannot write {target}: the disk is full (No space left on device); "
+                                        f"nothing was replaced. Free space on that disk or choose another output "
+                                        f"folder, then run again")
+    reason = getattr(error, "strerror", None) or str(error)
+    return WriteError(getattr(error, "errno", None) or errno.EIO,
+                      f"cannot write {target} ({reason}); choose a folder you can write to")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``target``; rename it over ``target`` if the block succeeds.
 
     The temporary name keeps the target's suffix because some writers (numpy's ``savez``,
-    safetensors) look at it.
+    safetensors) look at it. A full disk, or a folder that cannot be created or written, raises
+    :class:`WriteError` naming ``target``; the temporary file is removed and an existing ``target``
+    is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    except OSError as e:
+        raise _write_error(target, e) from e
     os.close(fd)
     # mkstemp makes the file owner-only (0600); give it the mode a plain open() would (0666 - umask),
     # so saved models stay readable by the user's other tools and accounts as before.
@@ -49,9 +88,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[str]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if not isinstance(e, WriteError) and isinstance(e, Exception) and (
+                _is_disk_full(e) or isinstance(e, PermissionError)):
+            raise _write_error(target, e) from e
         raise
 
 

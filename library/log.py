@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _configured = False
@@ -21,17 +22,34 @@ def setup_logging(args=None, *, reset: bool = False) -> None:
     log_file = getattr(args, "console_log_file", None)
     simple = bool(getattr(args, "console_log_simple", False))
 
+    # With several processes (accelerate launch) only the first reports progress; the others
+    # speak up for warnings and errors, marked with their rank, and never write the log file.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:
+        level_name = max(logging.getLevelName(level_name.upper()), logging.WARNING)
+        log_file = None
+        simple = True
+
+    file_handler = None
+    if log_file:  # opened first: a path that cannot be written stops here, with logging left as it was
+        try:
+            file_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        except OSError as e:
+            raise SystemExit(f"error: --console_log_file {log_file}: cannot write it ({e.strerror or e}); give a "
+                             "file in an existing folder you can write to") from None
+
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(level_name)
 
-    if log_file:
-        handler: logging.Handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    if file_handler is not None:
+        handler: logging.Handler = file_handler
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     elif simple or not sys.stderr.isatty():
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        prefix = f"[rank {rank}] " if rank > 0 else ""
+        handler.setFormatter(logging.Formatter(prefix + "%(levelname)s %(name)s: %(message)s"))
     else:
         try:
             from rich.console import Console

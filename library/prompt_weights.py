@@ -18,10 +18,12 @@ Syntax (:func:`parse_prompt_weights`), scanned left to right:
 
 Malformed input never raises; it degrades to literal text:
 
-* a ``)`` or ``]`` with no open bracket of its kind is literal text;
+* a ``)`` or ``]`` with no open bracket of its kind is literal text (so is a ``)`` whose 1.1 would
+  overflow the weights inside it, after an explicit weight near the float limit);
 * a ``(`` or ``[`` that is never closed applies its factor (1.1 or 1/1.1) to the rest of the text;
 * a ``:`` that is not an explicit weight as described above (outside round brackets, no number, no
-  ``)`` after the number, or a number that does not fit a finite float) is literal text.
+  ``)`` after the number, a number that does not fit a finite float, or one whose product with the
+  enclosing weights would not) is literal text; so every weight returned is finite.
 
 Segments: neighbouring pieces with equal weight are merged, markers never; text with no
 characters left (empty input, or only brackets) gives ``[("", 1.0)]``. Joining the segment texts
@@ -44,6 +46,9 @@ EMB_NORMALIZE_MODES = ("original", "abs", "none")
 
 _EXPLICIT = re.compile(r":\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
 _ESCAPABLE = "()[]\\"
+# A mean below this fraction of the mean absolute value is float32 rounding noise (the error of a
+# sum of ~60k values is ~1e-5 of their magnitude), not a level worth preserving.
+_NOISE = 1e-4
 
 
 def _is_word_char(ch: str) -> bool:
@@ -74,6 +79,9 @@ def parse_prompt_weights(text: str, *, breaks: bool = True) -> list[tuple[str, f
             if not piece[2]:
                 piece[1] *= factor
 
+    def fits(start: int, factor: float) -> bool:
+        return all(math.isfinite(piece[1] * factor) for piece in pieces[start:] if not piece[2])
+
     i = 0
     while i < len(text):
         ch = text[i]
@@ -87,7 +95,7 @@ def parse_prompt_weights(text: str, *, breaks: bool = True) -> list[tuple[str, f
             continue
         if ch == ":" and open_round and (m := _EXPLICIT.match(text, i)):
             factor = float(m.group(1))
-            if math.isfinite(factor):
+            if math.isfinite(factor) and fits(open_round[-1], factor):
                 scale(open_round.pop(), factor)
                 i = m.end()
                 continue
@@ -95,7 +103,7 @@ def parse_prompt_weights(text: str, *, breaks: bool = True) -> list[tuple[str, f
             open_round.append(len(pieces))
         elif ch == "[":
             open_square.append(len(pieces))
-        elif ch == ")" and open_round:
+        elif ch == ")" and open_round and fits(open_round[-1], ROUND):
             scale(open_round.pop(), ROUND)
         elif ch == "]" and open_square:
             scale(open_square.pop(), SQUARE)
@@ -103,7 +111,8 @@ def parse_prompt_weights(text: str, *, breaks: bool = True) -> list[tuple[str, f
             pieces.append([ch, 1.0, False])
         i += 1
     for start in open_round:
-        scale(start, ROUND)
+        if fits(start, ROUND):
+            scale(start, ROUND)
     for start in open_square:
         scale(start, SQUARE)
 
@@ -129,8 +138,11 @@ def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str =
     * ``abs``: ``h'' = h' * mean(|h|) / mean(|h'|)``;
     * ``none``: ``h'' = h'``.
 
-    A prompt whose ``mean(h')`` (or ``mean(|h'|)``) is exactly 0 is not rescaled. Computed in
-    float32, returned in ``hidden``'s dtype.
+    A prompt is not rescaled when the ratio would be meaningless: ``mean(h')`` (or ``mean(|h'|)``)
+    is 0, the ratio is not finite, or (``original``) ``mean(h)`` or ``mean(h')`` is rounding noise,
+    below ``1e-4`` times the mean absolute value -- what an encoder ending in a LayerNorm gives,
+    where noise / noise would scale the prompt by an arbitrary factor, even flip its sign.
+    Computed in float32, returned in ``hidden``'s dtype.
     """
     if mode not in EMB_NORMALIZE_MODES:
         raise ValueError(f"emb_normalize_mode must be one of {EMB_NORMALIZE_MODES}, got {mode!r}")
@@ -142,8 +154,12 @@ def apply_token_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str =
     if mode == "abs":
         before = h.abs().mean(dim=(1, 2), keepdim=True)
         after = scaled.abs().mean(dim=(1, 2), keepdim=True)
+        meaningful = after > 0
     else:
         before = h.mean(dim=(1, 2), keepdim=True)
         after = scaled.mean(dim=(1, 2), keepdim=True)
-    ratio = torch.where(after == 0, torch.ones_like(after), before / torch.where(after == 0, 1.0, after))
+        meaningful = ((before.abs() > _NOISE * h.abs().mean(dim=(1, 2), keepdim=True))
+                      & (after.abs() > _NOISE * scaled.abs().mean(dim=(1, 2), keepdim=True)))
+    ratio = before / torch.where(meaningful, after, torch.ones_like(after))
+    ratio = torch.where(meaningful & torch.isfinite(ratio), ratio, torch.ones_like(ratio))
     return (scaled * ratio).to(hidden.dtype)

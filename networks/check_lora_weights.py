@@ -140,9 +140,26 @@ def main(argv: Sequence[str] | None = None) -> CheckReport:
     except (FileNotFoundError, LoRAFileError) as e:
         raise SystemExit(f"error: {e}") from None
     report = check_state_dict(state_dict)
+    if not report.modules:
+        raise SystemExit(f"error: {not_a_lora_message(args.file, state_dict)}")
     for line in format_report(report, args.show_all):
         print(line)
     return report
+
+
+def not_a_lora_message(path: str, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Why a file without a single lora_down/lora_up module is not checked (a model, another network)."""
+    from networks.lora_diagnostics import guess_lora_kind
+
+    keys = sorted(state_dict)
+    if any(k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.", "first_stage_model.",
+                         "double_blocks.", "joint_blocks.")) for k in keys):
+        what = "a model checkpoint"
+    else:
+        what = guess_lora_kind(state_dict)
+    shown = ", ".join(keys[:2]) + (", ..." if len(keys) > 2 else "")
+    return (f"{path}: not a LoRA file: no lora_down/lora_up modules among its {len(keys)} keys ({shown}); it looks "
+            f"like {what}. Give a kohya-format LoRA file")
 
 
 if __name__ == "__main__":

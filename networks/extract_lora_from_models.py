@@ -240,12 +240,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         validate_args(args)
     except ValueError as e:
         parser.error(str(e))
+    from library.families.script_hints import running_tool
     from library.families.sd.checkpoint import CheckpointError
+    from library.io_utils import WriteError
     from networks.lora_file import LoRAFileError
 
     try:
-        extract_lora(args)
-    except (FileNotFoundError, CheckpointError, LoRAFileError, ValueError) as e:
+        with running_tool("extract"):  # a model of the other family: the fix is --sdxl, not another script
+            extract_lora(args)
+    except (FileNotFoundError, CheckpointError, LoRAFileError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -70,12 +70,21 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except (SafetensorError, OSError) as e:
+            raise LoRAFileError(f"{path}: not a readable safetensors file ({e}); an interrupted download or copy "
+                                f"leaves such files, fetch or save it again") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a torch file that is damaged, or a pickle of other objects: same answer
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoRAFileError(f"{path}: not a readable LoRA file ({reason}); give a .safetensors or .pt LoRA "
+                            f"state dict") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -135,7 +144,7 @@ def write_lora(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], 
         if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise LoRAFileError(f"{path}: the output is one of the input files; choose another --save_to")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # (the folder is created by atomic_path, whose WriteError names this path if it cannot be)
     if path.suffix.lower() == ".safetensors":
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)

@@ -1,4 +1,4 @@
-"""LoRA networks for FLUX.1 (dev/schnell), with the kohya-ss network-module plug-in API.
+"""LoRA networks for FLUX.1 (dev/schnell) and Chroma, with the kohya-ss network-module plug-in API.
 
 ``--network_module networks.lora_flux`` resolves to this module; the trainer calls
 :func:`create_network` / :func:`create_network_from_weights` exactly as for ``networks.lora``, and
@@ -12,6 +12,10 @@ Which layers, and their names in the file (the file format ComfyUI, Forge and di
   ``..._img_attn_proj``, ``..._img_mlp_0``, ``..._img_mlp_2``, ``..._img_mod_lin`` (and ``txt_``),
   ``lora_unet_single_blocks_0_linear1``, ``..._linear2``, ``..._modulation_lin``. With ``in_dims``
   also the input embedders (``lora_unet_img_in``, ``lora_unet_time_in_in_layer``, ...).
+  Chroma's blocks are the same classes without the modulation layers (``*_mod_lin``,
+  ``modulation_lin``), so its LoRAs have the other names only; its approximator
+  (``distilled_guidance_layer``) is not a target, as in the reference; of ``in_dims`` only
+  ``img_in`` and ``txt_in`` exist. Its text encoders are ``[None, T5]`` (no CLIP-L).
 * CLIP-L (``lora_te1_``): ``q/k/v/out_proj`` and ``fc1/fc2`` as in ``networks.lora``
   (``lora_te1_text_model_encoder_layers_0_self_attn_q_proj``).
 * T5-XXL (``lora_te3_``, only with ``train_t5xxl=True``): ``q/k/v/o`` of ``T5Attention`` and
@@ -178,7 +182,8 @@ def plan_dit_modules(flux: nn.Module, dim: int, alpha: float, args: FluxNetworkA
         for rank, paths in zip(args.in_dims, IN_DIM_MODULES):
             for path in paths:
                 if rank and path not in modules:
-                    logger.warning("in_dims: this FLUX model has no %s (schnell has no guidance_in); skipped", path)
+                    logger.warning("in_dims: this model has no %s (schnell has no guidance_in, Chroma only img_in "
+                                   "and txt_in); skipped", path)
                     continue
                 if rank:
                     add(path, modules[path], rank)

@@ -453,12 +453,6 @@ def merged_metadata(first: Mapping[str, str], modules: Mapping[str, LoRAWeights]
 
 # --- merging into a checkpoint ------------------------------------------------------------------
 
-def _retarget_hint(message: str) -> str:
-    """The loaders' family errors name the training scripts; for merging, name the merge scripts."""
-    return message.replace("use sdxl_train_network.py", "use sdxl_merge_lora.py").replace(
-        "use train_network.py", "use merge_lora.py")
-
-
 def _load_for_merge(checkpoint: Path, *, family: str, v2: bool, dtype: torch.dtype, device="cpu",
                     state_dict: dict[str, torch.Tensor] | None = None):
     """``(models, text_encoder argument of the network)`` through the family loader."""
@@ -475,7 +469,7 @@ def _load_for_merge(checkpoint: Path, *, family: str, v2: bool, dtype: torch.dty
         models = load_sd_models(checkpoint, v2=v2, dtype=dtype, device=device, state_dict=state_dict)
         return models, models.text_encoder
     except CheckpointError as e:
-        raise LoRAFileError(f"--sd_model {_retarget_hint(str(e))}") from None
+        raise LoRAFileError(f"--sd_model {e}") from None  # names the merge script (script_hints.running_tool)
 
 
 def _network_for(item: LoRAInput, models, text_encoder):

@@ -47,9 +47,14 @@ def load_weights_file(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file (safetensors header, zip, pickle): one line, not a traceback
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable LoRA file ({reason}); an interrupted download or copy leaves "
+                         f"such files, fetch or save it again") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -30,10 +30,14 @@ def add_merge_arguments(parser: argparse.ArgumentParser, *, models_help: str, st
 
 
 def run_tool(run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``run``; a bad input file ends the program with its one-line message instead of a traceback."""
+    """Call ``run``; a bad input file, or an output that cannot be written, ends the program with its
+    one-line message instead of a traceback. A checkpoint of the other family names the other merge script."""
+    from library.families.script_hints import running_tool
+    from library.io_utils import WriteError
     from networks.lora_file import LoRAFileError
 
     try:
-        return run(*args, **kwargs)
-    except (LoRAFileError, FileNotFoundError) as e:
+        with running_tool("merge"):
+            return run(*args, **kwargs)
+    except (LoRAFileError, FileNotFoundError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -321,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         validate_dynamic(args.dynamic_method, args.dynamic_param)
     except ValueError as e:
         parser.error(str(e))
+    from library.io_utils import WriteError
     from networks.lora_file import LoRAFileError
 
     try:
         resize_lora(args.model, args.save_to, args.new_rank, args.new_conv_rank, args.save_precision, args.device,
                     args.dynamic_method, args.dynamic_param, args.verbose)
-    except (FileNotFoundError, LoRAFileError, ValueError) as e:
+    except (FileNotFoundError, LoRAFileError, ValueError, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -209,7 +209,7 @@ def test_schnell_model_trains_without_guidance(tmp_path, tiny_flux_schnell, data
 @pytest.mark.parametrize("extra, message", [
     (["--network_module", "networks.lora"], "networks.lora_flux"),
     (["--min_snr_gamma", "5"], "--min_snr_gamma does not apply to FLUX"),
-    (["--model_type", "chroma"], "chroma is not supported"),
+    (["--model_type", "chroma"], "not Chroma"),  # a FLUX.1 file given as Chroma
     (["--blocks_to_swap", "2", "--cpu_offload_checkpointing", "--gradient_checkpointing"], "exclude each other"),
     (["--cache_text_encoder_outputs", "--network_train_unet_only", "--network_args", "train_t5xxl=True"],
      "cannot be cached"),

@@ -73,6 +73,21 @@ def test_shape_mismatch_reencodes_unless_skip_cache_check(tmp_path, folder):
     assert vae.images == 4
 
 
+def test_image_edited_after_caching_is_reencoded(tmp_path, folder):
+    import os
+
+    make_group(tmp_path).cache_latents(FakeVAE(), to_disk=True)
+    npz_path = folder / "img_0160x0096_sd.npz"
+    before = np.load(npz_path)["latents"].copy()
+    earlier = npz_path.stat().st_mtime - 10  # so the edit below is clearly later, whatever the clock resolution
+    os.utime(npz_path, (earlier, earlier))
+    write_image(folder / "img.png", (160, 96), seed=9)  # same size, new pixels
+    vae = FakeVAE()
+    assert make_group(tmp_path).cache_latents(vae, to_disk=True) == 1 and vae.images == 1  # only the edited one
+    assert not np.array_equal(np.load(npz_path)["latents"], before)
+    assert make_group(tmp_path).cache_latents(FakeVAE(), to_disk=True) == 0  # the new file is current
+
+
 def test_legacy_npz_reused(tmp_path, folder):
     np.savez(folder / "img.npz", latents=np.zeros((4, 8, 8), np.float32))
     vae = FakeVAE()

@@ -51,7 +51,7 @@ SUBSET_KEYS: dict[str, Any] = {
     "caption_suffix": str,
     "color_aug": bool,
     "flip_aug": bool,
-    "face_crop_aug_range": ExactSequence([_NUMBER, _NUMBER]),
+    "face_crop_aug_range": ExactSequence([_NUMBER, _NUMBER], msg="expected two numbers [min, max]"),
     "random_crop": bool,
     "token_warmup_min": int,
     "token_warmup_step": _NUMBER,

@@ -27,8 +27,9 @@ from library.data import latent_cache, te_cache
 from library.data.buckets import BucketPlanner, adjust_bucket_limits, flipped_crop_left, sai_crop_ltrb
 from library.data.captions import TrainingPosition, process_caption, tag_frequency
 from library.data.errors import DatasetError
-from library.data.images import (color_augment, crop_image, face_crop, load_image, load_mask, resize_image, split_alpha,
-                                 to_tensor)
+from library.data.images import (color_augment, conditioning_to_tensor, crop_image, face_crop_window,
+                                 load_conditioning_image, load_image, load_mask, resize_image, split_alpha, to_tensor)
+from library.data.images import IMAGE_EXTENSIONS, unsupported_image_files
 from library.data.params import DatasetParams, DreamBoothSubsetParams, FineTuningSubsetParams, SubsetParams
 from library.data.subsets import (ImageInfo, ValidationSplit, balance_reg_images, load_dreambooth_subset,
                                   load_fine_tuning_subset)
@@ -57,6 +58,7 @@ class _Sample:
     pixels: torch.Tensor | None
     latents: torch.Tensor | None
     mask: torch.Tensor | None
+    conditioning: torch.Tensor | None  # ControlNet conditioning image [3,H,W] in [0,1]
     caption: str
     flipped: bool
     original_hw: tuple[int, int]
@@ -131,6 +133,10 @@ class BucketedDataset:
             raise DatasetError(f"batch {index} mixes images with and without cached text encoder outputs: "
                                "cache_text_encoder_outputs must cover every image")
         want_masks = any(info.subset.uses_masks for info in members)
+        want_conditioning = any(info.conditioning_path is not None for info in members)
+        if want_conditioning and not all(info.conditioning_path is not None for info in members):
+            raise DatasetError(f"batch {index} mixes images with and without conditioning images: every subset of a "
+                               "ControlNet dataset needs conditioning_data_dir")
         samples = [self._make_sample(info, (seed, position.epoch, self.index, index, pos), position, replacements)
                    for pos, info in enumerate(members)]
         cached = members[0].has_cached_latents
@@ -144,6 +150,7 @@ class BucketedDataset:
             "captions": [s.caption for s in samples],
             "loss_weights": torch.tensor([prior_loss_weight if i.is_reg else 1.0 for i in members]),
             "alpha_masks": torch.stack([s.alpha_mask() for s in samples]) if want_masks else None,
+            "conditioning_images": torch.stack([s.conditioning for s in samples]) if want_conditioning else None,
             "original_sizes_hw": torch.tensor([s.original_hw for s in samples], dtype=torch.long),
             "crop_top_lefts": torch.tensor([s.crop_top_left for s in samples], dtype=torch.long),
             "target_sizes_hw": torch.tensor([s.target_hw for s in samples], dtype=torch.long),
@@ -162,21 +169,46 @@ class BucketedDataset:
         caption_rng = sample_rng(*rng_key, "caption")
         subset = info.subset
         flipped = subset.flip_aug and image_rng.random() < 0.5
-        pixels = latents = None
+        pixels = latents = conditioning = None
         if info.has_cached_latents:
             latents, mask = self._cached_latents(info, flipped)
+            if info.conditioning_path is not None:
+                conditioning = self._conditioning_image(info, self._crop_window(info, image_rng), flipped)
         else:
-            pixels, mask = self.load_sample_image(info, image_rng, flipped)
+            pixels, mask, conditioning = self.load_sample_images(info, image_rng, flipped)
         caption = process_caption(info.caption, subset.caption_options(), caption_rng, position, replacements)
         bucket = info.placement.bucket
         left = flipped_crop_left(bucket, info.crop_ltrb) if flipped else info.crop_ltrb[0]
-        return _Sample(pixels=pixels, latents=latents, mask=mask, caption=caption, flipped=flipped,
-                       original_hw=(info.image_size[1], info.image_size[0]), crop_top_left=(info.crop_ltrb[1], left),
-                       target_hw=(bucket[1], bucket[0]))
+        return _Sample(pixels=pixels, latents=latents, mask=mask, conditioning=conditioning, caption=caption,
+                       flipped=flipped, original_hw=(info.image_size[1], info.image_size[0]),
+                       crop_top_left=(info.crop_ltrb[1], left), target_hw=(bucket[1], bucket[0]))
 
     def load_sample_image(self, info: ImageInfo, rng: random.Random,
                           flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image of ``info`` at its bucket size: [3,H,W] in [-1,1], and the alpha mask [H,W] or None."""
+        pixels, mask, _ = self.load_sample_images(info, rng, flipped, with_conditioning=False)
+        return pixels, mask
+
+    def _crop_window(self, info: ImageInfo, rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(size (w, h) the image is resized to, (left, top) of the bucket-sized crop): drawn once per sample,
+        applied to the image and to its conditioning image alike."""
+        subset = info.subset
+        if self._face_crop(info):
+            return face_crop_window(info.image_size, info.face, info.placement.bucket, subset.face_crop_aug_range,
+                                    rng, random_offset=subset.random_crop)
+        return info.placement.resized_size, info.placement.crop_offset(rng if subset.random_crop else None)
+
+    def _conditioning_image(self, info: ImageInfo, window, flipped: bool) -> torch.Tensor:
+        """The conditioning image of ``info`` resized, cropped and flipped as its image: [3,H,W] in [0,1]."""
+        (size, (left, top)), bucket = window, info.placement.bucket
+        image = load_conditioning_image(info.conditioning_path, info.image_size)
+        image = crop_image(resize_image(image, size, info.subset.resize_interpolation), left, top, *bucket)
+        return conditioning_to_tensor(image[:, ::-1] if flipped else image)
+
+    def load_sample_images(self, info: ImageInfo, rng: random.Random, flipped: bool, *, with_conditioning: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`load_sample_image` plus the ControlNet conditioning image [3,H,W] in [0,1] (None when the
+        subset has none), which gets exactly the image's resize, crop window and flip (no colour change)."""
         subset = info.subset
         bucket = info.placement.bucket
         if info.mask_path is not None:
@@ -191,13 +223,9 @@ class BucketedDataset:
             raise DatasetError(f"image {info.path} is {image.shape[1]}x{image.shape[0]} but was "
                                f"{info.image_size[0]}x{info.image_size[1]} when the dataset was built "
                                "(changed on disk, or a stale metadata_cache.json: delete it)")
-        if self._face_crop(info):
-            image = face_crop(image, info.face, bucket, subset.face_crop_aug_range, rng,
-                              random_offset=subset.random_crop, interpolation=subset.resize_interpolation)
-        else:
-            image = resize_image(image, info.placement.resized_size, subset.resize_interpolation)
-            left, top = info.placement.crop_offset(rng if subset.random_crop else None)
-            image = crop_image(image, left, top, *bucket)
+        window = self._crop_window(info, rng)
+        size, (left, top) = window
+        image = crop_image(resize_image(image, size, subset.resize_interpolation), left, top, *bucket)
         image, alpha = split_alpha(image)
         if subset.color_aug:
             image = color_augment(image, rng)
@@ -205,7 +233,10 @@ class BucketedDataset:
             image = image[:, ::-1]
             alpha = alpha[:, ::-1] if alpha is not None else None
         mask = torch.from_numpy(np.ascontiguousarray(alpha)) if alpha is not None else None
-        return to_tensor(image), mask
+        conditioning = None
+        if with_conditioning and info.conditioning_path is not None:
+            conditioning = self._conditioning_image(info, window, flipped)
+        return to_tensor(image), mask, conditioning
 
     @staticmethod
     def _cached_latents(info: ImageInfo, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -317,7 +348,10 @@ def make_dataset(params: DatasetParams, *, index: int, split: ValidationSplit | 
             continue
         infos = _load_subset(subset, split)
         if not infos:
-            logger.warning("%s: no images in %s; subset skipped", subset.where, subset.image_dir or subset.name)
+            other = unsupported_image_files(subset.image_dir) if subset.image_dir else []
+            why = (f" ({len(other)} file(s) of formats that are not read, e.g. {', '.join(other[:3])}: convert them "
+                   f"to {'/'.join(IMAGE_EXTENSIONS)})" if other else "")
+            logger.warning("%s: no images in %s%s; subset skipped", subset.where, subset.image_dir or subset.name, why)
             continue
         if validation:
             for info in infos:

@@ -91,13 +91,21 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
         return all(ds.is_latent_cacheable() for ds in self.datasets)
 
     def verify_bucket_reso_steps(self, multiple: int) -> None:
-        """Raise when a bucketing dataset's bucket_reso_steps is not a multiple of what the model needs."""
+        """Raise when a bucketing dataset's bucket_reso_steps, or a fixed-size dataset's resolution, is not
+        a multiple of what the model needs (else the first step fails inside the model)."""
         for ds in self.datasets:
             steps = ds.params.bucket_reso_steps
             if ds.params.enable_bucket and steps % multiple:
                 raise DatasetError(f"{ds.params.where or 'dataset'}: bucket_reso_steps is {steps} but this model "
                                    f"needs a multiple of {multiple}: set bucket_reso_steps (or --bucket_reso_steps) "
                                    f"to {multiple}")
+            width, height = ds.params.resolution
+            if not ds.params.enable_bucket and (width % multiple or height % multiple):
+                near = max(multiple, round(width / multiple) * multiple)
+                raise DatasetError(f"{ds.params.where or 'dataset'}: resolution {width}x{height} is not a multiple "
+                                   f"of {multiple}, which this model needs (without bucketing images are trained at "
+                                   f"that size): use e.g. --resolution {near} (resolution = {near}), or "
+                                   "--enable_bucket")
 
     def verify_text_encoder_outputs_cacheable(self) -> None:
         """Raise a :class:`DatasetError` naming the subset whose captions vary per sample (shuffle,

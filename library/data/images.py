@@ -36,8 +36,21 @@ INTERPOLATIONS = {
 _FACE_SUFFIX = re.compile(r"^(?P<stem>.*)_(?P<cx>\d+)_(?P<cy>\d+)_(?P<w>\d+)_(?P<h>\d+)$")
 
 
+#: image formats people have that are not read (PIL could, but kohya's list is the compatibility surface)
+OTHER_IMAGE_EXTENSIONS = (".gif", ".tif", ".tiff", ".avif", ".heic", ".heif", ".jxl", ".jfif", ".tga", ".psd", ".ico")
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def unsupported_image_files(folder: Path) -> list[str]:
+    """Names of the files in ``folder`` that look like images of a format that is not read (a subset
+    of only such files is empty, and the user should learn why)."""
+    try:
+        return sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in OTHER_IMAGE_EXTENSIONS)
+    except OSError:
+        return []
 
 
 def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
@@ -62,13 +75,50 @@ def read_image_size(path: Path) -> tuple[int, int]:
         w, h = imagesize.get(str(path))
     except Exception:  # imagesize raises assorted errors on garbage input
         w, h = -1, -1
-    if w > 0 and h > 0:
-        return int(w), int(h)
+    if not (w > 0 and h > 0):
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:
+            raise DatasetError(f"cannot read image {path}: {e} -- replace or remove the file") from e
+    # PIL refuses to decode images over twice MAX_IMAGE_PIXELS (its decompression-bomb guard; above
+    # once it only warns): say so now rather than when the image is first decoded.
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if limit and w * h > limit:
+        raise DatasetError(f"image {path} is {w}x{h} ({w * h / 1e6:.0f} megapixels), over the decoder's limit of "
+                           f"{limit / 1e6:.0f} megapixels: resize it (e.g. tools/resize_images_to_resolution.py) "
+                           "or remove it")
+    if _looks_truncated(path):
+        _decode_fully(path)  # a cut-off download: found while the dataset is built, not at its first step
+    return int(w), int(h)
+
+
+def _looks_truncated(path: Path) -> bool:
+    """Whether the file does not end the way its format ends (cheap: the last bytes only). PNG ends
+    with the IEND chunk, JPEG with the EOI marker (some cameras append data after it: a suspect is
+    only refused after a full decode fails)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".jpg", ".jpeg"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except OSError:
+        return True
+    if suffix == ".png":
+        return tail[-8:-4] != b"IEND"
+    return not tail.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def _decode_fully(path: Path) -> None:
     try:
         with Image.open(path) as im:
-            return im.size
+            im.load()
     except Exception as e:
-        raise DatasetError(f"cannot read image {path}: {e} -- replace or remove the file") from e
+        raise DatasetError(f"cannot decode image {path}: {e} -- replace or remove the file") from e
 
 
 def load_image(path: Path, *, with_alpha: bool = False) -> np.ndarray:
@@ -78,10 +128,24 @@ def load_image(path: Path, *, with_alpha: bool = False) -> np.ndarray:
     """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGBA" if with_alpha else "RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
+            im = im.convert("RGBA" if with_alpha else "RGB") if im.mode not in _WIDE_MODES else _wide_to_rgb(im)
+            image = np.asarray(im, dtype=np.uint8).copy()
     except Exception as e:
         raise DatasetError(f"cannot decode image {path}: {e} -- replace or remove the file") from e
+    if with_alpha and image.shape[-1] == 3:
+        image = np.concatenate([image, np.full_like(image[..., :1], 255)], axis=-1)
+    return image
+
+
+#: grayscale modes with more than 8 bits (16-bit PNGs): PIL's convert("RGB") clips them to 255, not scales
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _wide_to_rgb(im: Image.Image) -> Image.Image:
+    values = np.asarray(im, dtype=np.float64)
+    top = 65535.0 if im.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
 
 
 def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -97,6 +161,20 @@ def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     if (mask.shape[1], mask.shape[0]) != tuple(size):
         mask = cv2.resize(mask, tuple(int(s) for s in size), interpolation=cv2.INTER_LINEAR)
     return mask
+
+
+def load_conditioning_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A ControlNet conditioning image as HWC uint8 RGB at ``size`` (w, h), the size of its image (one of
+    another size but the same aspect ratio is resized, as :func:`resize_image` would)."""
+    image = load_image(path)
+    if (image.shape[1], image.shape[0]) != tuple(size):
+        image = resize_image(image, size)
+    return image
+
+
+def conditioning_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 RGB -> CHW float32 in [0, 1] (what ControlNets take, unlike the [-1, 1] of the VAE)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
@@ -165,7 +243,18 @@ def parse_face_suffix(stem: str) -> tuple[str, tuple[int, int, int, int] | None]
 def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: tuple[int, int],
               scale_range: tuple[float, float], rng: random.Random, *, random_offset: bool = False,
               interpolation: str | None = None) -> np.ndarray:
-    """Crop ``target`` (w, h) around a face whose position and size come from the file name.
+    """Crop ``target`` (w, h) around a face whose position and size come from the file name
+    (the window of :func:`face_crop_window`)."""
+    h, w = image.shape[:2]
+    size, (left, top) = face_crop_window((w, h), face, target, scale_range, rng, random_offset=random_offset)
+    return crop_image(resize_image(image, size, interpolation), left, top, *target)
+
+
+def face_crop_window(image_size: tuple[int, int], face: tuple[int, int, int, int], target: tuple[int, int],
+                     scale_range: tuple[float, float], rng: random.Random, *,
+                     random_offset: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Where :func:`face_crop` crops: (the size (w, h) the image is resized to, the (left, top) of the
+    ``target`` window in it). A conditioning image gets the same window as its image.
 
     ``scale_range`` = (lo, hi): the crop's shorter side shows between lo and hi times the face
     size. The image is only scaled down for that (never above its own size, unless it must grow to
@@ -173,7 +262,7 @@ def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: tuple[
     when lo != hi, or moved randomly (more often near the face) with ``random_offset``; it always
     stays inside the image.
     """
-    h, w = image.shape[:2]
+    w, h = image_size
     cx, cy, fw, fh = face
     tw, th = target
     lo, hi = scale_range
@@ -183,7 +272,6 @@ def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: tuple[
     large = min(1.0, max(small, min(tw, th) / (face_size * lo)))
     scale = max(cover, rng.uniform(small, large) if large > small else small)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    image = resize_image(image, (rw, rh), interpolation)
     scaled_face = face_size * scale
     offsets = []
     for centre, length, size in ((cx * scale, rw, tw), (cy * scale, rh, th)):
@@ -195,4 +283,4 @@ def face_crop(image: np.ndarray, face: tuple[int, int, int, int], target: tuple[
             jitter = int(scaled_face // 20)
             start += rng.randint(-jitter, jitter)
         offsets.append(min(max(0, start), length - size))
-    return crop_image(image, offsets[0], offsets[1], tw, th)
+    return (rw, rh), (offsets[0], offsets[1])

@@ -13,8 +13,8 @@ FLUX/SD3-style files (``suffixed_keys``, kohya's newer cache strategies) name ev
 latent size: ``latents_<h>x<w>``, ``original_size_<h>x<w>``, ... (h, w = latent height and width),
 so one file can hold several resolutions; writing one resolution keeps the others.
 
-A file is valid when it exists, has the keys the subset needs and ``latents`` has the shape
-bucket / stride. ``skip_cache_check`` trusts any existing file (existence only), which saves
+A file is valid when it exists, is newer than its image (and mask), has the keys the subset
+needs and ``latents`` has the shape bucket / stride. ``skip_cache_check`` trusts any existing file (existence only), which saves
 opening thousands of files on a big dataset. A legacy ``<stem>.npz`` is used when valid; it is
 never rewritten. Files are written atomically, so an interrupted caching run leaves no torn file.
 """
@@ -56,12 +56,20 @@ def key_suffix(latent_hw: tuple[int, int], suffixed: bool) -> str:
 
 
 def is_cache_valid(path: Path, *, latent_hw: tuple[int, int], flip_aug: bool, alpha_mask: bool,
-                   skip_check: bool = False, key_suffix: str = "") -> bool:
-    """Whether ``path`` can be used as is (see the module docstring)."""
+                   skip_check: bool = False, key_suffix: str = "", sources: Iterable[Path | None] = ()) -> bool:
+    """Whether ``path`` can be used as is (see the module docstring).
+
+    ``sources`` (the image, its mask): a file edited after the cache was written makes it stale.
+    """
     if not path.is_file():
         return False
     if skip_check:
         return True
+    written = path.stat().st_mtime
+    for source in sources:
+        if source is not None and source.is_file() and source.stat().st_mtime > written:
+            logger.info("latent cache %s is older than %s; re-encoding", path.name, source)
+            return False
     sfx = key_suffix
     try:
         with np.load(path) as npz:
@@ -152,6 +160,10 @@ def _plan(images: Iterable, *, to_disk: bool, cache_suffix: str) -> list[_Job]:
             owner = npz_owner.setdefault(path, key)
             if owner == key:
                 job.npz = path
+            elif owner[0] != info.path:  # a.png and a.jpg: one cache file name for two images
+                logger.warning("%s and %s have the same name stem, so both would be cached in %s; %s is cached "
+                               "in memory only: rename one of them (they also share one caption file)",
+                               owner[0], info.path, path.name, info.path)
             else:  # one file holds one bucket size: the other sizes stay in memory
                 logger.warning("%s is used at buckets %s and %s; the second is cached in memory only",
                                info.path, owner[1], key[1])
@@ -182,7 +194,8 @@ def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latent
             candidates = (job.npz,) if suffixed_keys else (job.npz, legacy_cache_path(info.path))
             for candidate in candidates:
                 if is_cache_valid(candidate, latent_hw=latent_hw, flip_aug=job.flip, alpha_mask=job.alpha,
-                                  skip_check=skip_cache_check, key_suffix=job.key_suffix):
+                                  skip_check=skip_cache_check, key_suffix=job.key_suffix,
+                                  sources=(info.path, *(i.mask_path for i in job.infos if job.alpha))):
                     found = candidate
                     break
             if found is not None:

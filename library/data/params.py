@@ -56,6 +56,11 @@ class SubsetParams:
         return None
 
     @property
+    def conditioning_image_dir(self) -> Path | None:
+        """The folder of ControlNet conditioning images (``conditioning_data_dir`` of a ControlNet subset)."""
+        return None
+
+    @property
     def uses_masks(self) -> bool:
         """Whether samples of this subset carry a loss mask (alpha channel or mask image)."""
         return self.alpha_mask or self.mask_dir is not None
@@ -95,6 +100,20 @@ class DreamBoothSubsetParams(SubsetParams):
 
     @property
     def mask_dir(self) -> Path | None:
+        return self.conditioning_data_dir
+
+
+@dataclass(frozen=True)
+class ControlNetSubsetParams(DreamBoothSubsetParams):
+    """A DreamBooth-style folder whose ``conditioning_data_dir`` holds one ControlNet conditioning image per
+    image (same stem): what the ControlNet trainers read; there it is no loss mask."""
+
+    @property
+    def mask_dir(self) -> Path | None:
+        return None
+
+    @property
+    def conditioning_image_dir(self) -> Path | None:
         return self.conditioning_data_dir
 
 

@@ -7,6 +7,10 @@
   With ``conditioning_data_dir`` every image has a mask image with the same stem there (any
   supported extension; its red channel is the loss mask) and every mask has an image: checked by
   :func:`check_mask_folders` and when the subset is read.
+* ControlNet subset (a DreamBooth subset of a ControlNet trainer): ``conditioning_data_dir`` holds the
+  conditioning image of every image (same stem, any supported extension, same size or aspect ratio);
+  :func:`check_conditioning_folders` names every image without one (and every conditioning image
+  without an image) in one error.
 * Fine-tuning subset: ``metadata_file`` is a json object ``{"<image key or path>": {"caption",
   "tags", "image_size": [w, h]}}`` or a ``.jsonl`` file of ``{"image_path", "caption", "tags",
   "image_size"}`` lines; caption = caption + caption_separator + tags (tags appended to each line).
@@ -56,6 +60,7 @@ class ImageInfo:
     subset: SubsetParams
     face: tuple[int, int, int, int] | None = None  # (cx, cy, w, h) from the file name
     mask_path: Path | None = None  # the mask image (conditioning_data_dir); replaces any alpha channel
+    conditioning_path: Path | None = None  # the ControlNet conditioning image (conditioning_data_dir)
     placement: Placement | None = None  # set by the dataset's bucketing
     crop_ltrb: tuple[int, int, int, int] | None = None
     # Filled by latent caching: in memory, or the npz read for every batch.
@@ -142,14 +147,15 @@ def _first(names: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def list_masks(folder: Path, where: str) -> dict[str, Path]:
-    """Mask images of ``folder`` by file stem; errors name the folder (missing, or two masks for one stem)."""
+def list_masks(folder: Path, where: str, what: str = "masks") -> dict[str, Path]:
+    """Mask (or conditioning) images of ``folder`` by file stem; errors name the folder (missing, or two
+    images for one stem)."""
     if not folder.is_dir():
         raise DatasetError(f"{where}: conditioning_data_dir {folder} does not exist or is not a folder")
     masks: dict[str, Path] = {}
     for path in list_images(folder):
         if path.stem in masks:
-            raise DatasetError(f"{where}: conditioning_data_dir {folder} has two masks for '{path.stem}' "
+            raise DatasetError(f"{where}: conditioning_data_dir {folder} has two {what} for '{path.stem}' "
                                f"({masks[path.stem].name} and {path.name}): keep one")
         masks[path.stem] = path
     return masks
@@ -187,6 +193,54 @@ def check_mask_folders(subsets: Iterable[SubsetParams]) -> None:
             raise DatasetError(f"conditioning_data_dir {folder}: {len(orphans)} mask(s) have no image with the same "
                                f"file stem in {', '.join(dirs)}: {_first(orphans)}; remove those masks or add the "
                                "images")
+
+
+def check_conditioning_folders(subsets: Iterable[SubsetParams]) -> None:
+    """Every image of a ControlNet subset has a conditioning image with its stem, and every conditioning
+    image has an image: else ONE error naming every image without a conditioning image and every
+    conditioning image without an image (a folder shared by several subsets is checked as a whole).
+    Subsets with ``num_repeats`` < 1 or a missing ``image_dir`` are left to the subset loader."""
+    users: dict[Path, list[SubsetParams]] = {}
+    for subset in subsets:
+        if subset.conditioning_image_dir is not None and subset.num_repeats >= 1:
+            users.setdefault(subset.conditioning_image_dir, []).append(subset)
+    problems: list[str] = []
+    for folder, members in users.items():
+        conditioning = list_masks(folder, members[0].where, "conditioning images")
+        stems: set[str] = set()
+        for subset in members:
+            if subset.image_dir is None or not subset.image_dir.is_dir():
+                continue
+            images = list_images(subset.image_dir)
+            missing = [p.name for p in images if p.stem not in conditioning]
+            if missing:
+                problems.append(f"{len(missing)} image(s) in {subset.image_dir} ({subset.where}) have no conditioning "
+                                f"image in {folder}: {', '.join(missing)}")
+            stems |= {p.stem for p in images}
+        orphans = sorted(p.name for stem, p in conditioning.items() if stem not in stems)
+        if orphans and any(s.image_dir is not None and s.image_dir.is_dir() for s in members):
+            problems.append(f"{len(orphans)} conditioning image(s) in {folder} have no image with the same file stem: "
+                            f"{', '.join(orphans)}")
+    if problems:
+        raise DatasetError("ControlNet training needs one conditioning image per image, with the same file stem: "
+                           + "; ".join(problems) + ". Add the missing files or remove the unpaired ones")
+
+
+def _attach_conditioning(infos: list[ImageInfo], subset: SubsetParams) -> None:
+    folder = subset.conditioning_image_dir
+    found = list_masks(folder, subset.where, "conditioning images")
+    missing = [i.path.name for i in infos if i.path.stem not in found]
+    if missing:
+        raise DatasetError(f"{subset.where}: {len(missing)} image(s) have no conditioning image in "
+                           f"conditioning_data_dir {folder} (same file stem): {', '.join(missing)}; add them")
+    for info in infos:
+        info.conditioning_path = found[info.path.stem]
+        cw, ch = read_image_size(info.conditioning_path)
+        w, h = info.image_size
+        if abs((cw / ch) / (w / h) - 1) > _MASK_AR_TOLERANCE:
+            raise DatasetError(f"conditioning image {info.conditioning_path} is {cw}x{ch} but its image {info.path} is "
+                               f"{w}x{h}: give it the image's size (or the same aspect ratio; it is then resized to "
+                               "the image size)")
 
 
 def _attach_masks(infos: list[ImageInfo], subset: SubsetParams) -> None:
@@ -245,6 +299,8 @@ def load_dreambooth_subset(subset: DreamBoothSubsetParams, *, split: ValidationS
         _write_info_cache(folder, infos, raw_captions)
     if subset.mask_dir is not None:
         _attach_masks(infos, subset)
+    if subset.conditioning_image_dir is not None:
+        _attach_conditioning(infos, subset)
     return infos
 
 

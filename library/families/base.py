@@ -66,6 +66,9 @@ class ModelFamily(abc.ABC):
     latent_cache_suffixed_keys: bool = False
     #: bucket sides must be multiples of this (None: of the latent stride); FLUX packs 2x2 latents: 16
     bucket_reso_multiple: int | None = None
+    #: the sampler names a preview prompt may ask for (``--ss``), checked when the prompt file is read;
+    #: None: any name (a family with one fixed sampler ignores it)
+    sampler_names: tuple[str, ...] | None = None
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args: argparse.Namespace) -> None:

@@ -89,7 +89,7 @@ class DiTFamily(ModelFamily):
             raise ArgumentError("--blocks_to_swap and --cpu_offload_checkpointing exclude each other: keep one")
         if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
             raise ArgumentError("--cpu_offload_checkpointing needs --gradient_checkpointing")
-        if args.fp8_base_unet:
+        if getattr(args, "fp8_base_unet", False):  # a network flag (absent from the ControlNet scripts)
             args.fp8_base = True  # the reference: fp8 for the DiT implies --fp8_base
         caching = (getattr(args, "cache_text_encoder_outputs", False)
                    or getattr(args, "cache_text_encoder_outputs_to_disk", False))

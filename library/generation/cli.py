@@ -109,6 +109,20 @@ def setup_parser() -> argparse.ArgumentParser:
     h.add_argument("--highres_fix_latents_upscaling", action="store_true",
                    help="hires fix: upscale the latents instead of the decoded image")
 
+    c = p.add_argument_group("ControlNet / ControlNet-LLLite (one value per model, in model order)")
+    c.add_argument("--control_net_models", type=str, default=None, nargs="*",
+                   help="ControlNet files or Diffusers folders (SD 1.x/2.x ControlNet v1.x, or SDXL with --sdxl)")
+    c.add_argument("--control_net_lllite_models", type=str, default=None, nargs="*",
+                   help="ControlNet-LLLite files (SDXL); cannot be combined with --control_net_models")
+    c.add_argument("--control_net_preps", type=str, default=None, nargs="*",
+                   help="preprocessing per model: none (default), canny, canny_<low>_<high> (e.g. canny_63_191)")
+    c.add_argument("--control_net_multipliers", type=float, default=None, nargs="*",
+                   help="strength per model (default: 1.0; 0 switches it off)")
+    c.add_argument("--control_net_ratios", type=float, default=None, nargs="*",
+                   help="fraction of the steps, from the first, with control per model (default: 1.0)")
+    c.add_argument("--guide_image_path", type=str, default=None, nargs="*",
+                   help="control (guide) image files or folders, used in order, one per generated image")
+
     add_logging_arguments(p)
     return p
 
@@ -167,3 +181,30 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--{flag} has {len(values)} values but only {len(modules)} network(s) are given")
     if args.network_merge and not modules:
         parser.error("--network_merge needs networks (--network_module and --network_weights)")
+    _validate_control_args(parser, args)
+
+
+def _validate_control_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    controlnets, lllites = args.control_net_models or [], args.control_net_lllite_models or []
+    if controlnets and lllites:
+        parser.error("--control_net_models and --control_net_lllite_models cannot be used together: pick one")
+    if lllites and not args.sdxl:
+        parser.error("--control_net_lllite_models: ControlNet-LLLite is for SDXL models; add --sdxl")
+    models = controlnets or lllites
+    for path in models:
+        if not Path(path).exists():
+            parser.error(f"control model {path}: no such file or folder")
+    if models and not args.guide_image_path:
+        parser.error("control models need guide images: add --guide_image_path FILE_OR_FOLDER")
+    for path in args.guide_image_path or []:
+        if not Path(path).exists():
+            parser.error(f"--guide_image_path {path}: no such file or folder")
+    for flag in ("control_net_preps", "control_net_multipliers", "control_net_ratios"):
+        values = getattr(args, flag) or []
+        if models and len(values) > len(models):
+            parser.error(f"--{flag} has {len(values)} values but only {len(models)} control model(s) are given")
+    for ratio in args.control_net_ratios or []:
+        if not 0.0 <= ratio <= 1.0:
+            parser.error(f"--control_net_ratios {ratio}: the fraction of the steps with control, between 0 and 1")

@@ -1,4 +1,4 @@
-"""The FLUX.1 generation run behind ``flux_minimal_inference.py``: load, apply LoRAs, generate, save.
+"""The FLUX.1 / Chroma generation run behind ``flux_minimal_inference.py``: load, apply LoRAs, generate, save.
 
 Images come from :class:`library.families.flux.generation.FluxSampler`, the same object training
 previews use, so a preview and an inference run with the same prompt, seed and settings agree.
@@ -29,9 +29,17 @@ def load_sampler(args, device: torch.device):
     from library.families.flux.loading import load_flux_models
 
     dtype = DTYPES[args.dtype]
-    loaded = load_flux_models(args.ckpt_path, ae_path=args.ae, clip_l_path=args.clip_l, t5_path=args.t5xxl,
-                              tokenizer_cache_dir=args.tokenizer_cache_dir, dtype=_dtype(args.flux_dtype, dtype))
-    clip_l = loaded.clip_l.to(_dtype(args.clip_l_dtype, dtype))
+    chroma = args.model_type == "chroma"
+    extra = {}
+    if chroma:  # T5 only, always masked (as Chroma is trained)
+        from library.families.flux.chroma_loading import load_chroma_dit
+
+        extra = {"load_dit": load_chroma_dit}
+        args.apply_t5_attn_mask = True
+    loaded = load_flux_models(args.ckpt_path, ae_path=args.ae, clip_l_path=None if chroma else args.clip_l,
+                              t5_path=args.t5xxl, tokenizer_cache_dir=args.tokenizer_cache_dir,
+                              dtype=_dtype(args.flux_dtype, dtype), **extra)
+    clip_l = loaded.clip_l.to(_dtype(args.clip_l_dtype, dtype)) if loaded.clip_l is not None else None
     t5 = loaded.t5.to(_dtype(args.t5xxl_dtype, dtype))
     ae = loaded.ae.to(_dtype(args.ae_dtype, dtype))
     place([loaded.flux, clip_l, t5, ae], torch.device("cpu") if args.offload else device)
@@ -48,6 +56,8 @@ def run(args) -> list[Path]:
     setup_logging(args)
     device = default_device(args.device)
     sampler, networks = load_sampler(args, device)
+    if args.guidance is None:  # Chroma is trained with guidance 0, FLUX.1 dev is distilled at 3.5
+        args.guidance = 0.0 if args.model_type == "chroma" else 3.5
     steps = args.steps or (50 if sampler.flux.config.guidance_embed else 4)
     return generate_images(args, sampler, models=[sampler.flux, sampler.clip_l, sampler.t5, sampler.ae, *networks],
                            device=device, dtype=_dtype(args.flux_dtype, DTYPES[args.dtype]), steps=steps,

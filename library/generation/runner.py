@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from library.families.sd.family import LATENT_SCALE
+from library.generation.control import ControlInputError, Controls, load_controls
 from library.generation.images import (
     ImageInputError,
     InitImage,
@@ -288,11 +289,13 @@ class SDGenerator:
     embedding_keys: tuple[str, ...] | None = None  # textual inversion file keys, one per text encoder (None: SD's)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, args, *, device: torch.device, dtype: torch.dtype,
-                 networks: LoadedNetworks | None = None, embeddings: Embeddings | None = None) -> None:
+                 networks: LoadedNetworks | None = None, embeddings: Embeddings | None = None,
+                 controls: Controls | None = None) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.args = args
         self.device, self.dtype = device, dtype
         self.networks = networks or LoadedNetworks()
+        self.controls = controls or Controls()  # ControlNet / LLLite (library/generation/control.py)
         self.embeddings = embeddings or Embeddings()
         self._text_cache: tuple[tuple[str, ...], Conditioning] | None = None
         _, self._encode_prompts = _prompt_syntax()
@@ -338,12 +341,19 @@ class SDGenerator:
         """Extra PNG text chunks of an image (SDXL: its size conditioning)."""
         return {}
 
+    def _unet_fn(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One U-Net call, with the residuals of the ControlNets active at this step."""
+        extra = self.controls.unet_kwargs(x, t, cond.hidden_states, cond.unet_kwargs)
+        if extra:
+            cond = Conditioning(cond.hidden_states, {**cond.unet_kwargs, **extra})
+        return self.sampler.model_fn(x, t, cond)
+
     def _conditioning(self, jobs: Sequence[ImageJob], size: PassSize = None):
         """(cond, uncond, model_fn, guidance_scale) for ``sample_latents``; one text-encoder call."""
         j0, b, jobs = jobs[0], len(jobs), list(jobs)
         prompts = [j.prompt for j in jobs]
         negatives = [j.negative_prompt for j in jobs]
-        model_fn = self.sampler.model_fn
+        model_fn = self._unet_fn
         if j0.negative_scale is not None:
             # uncond = empty prompt; the negative prompt gets its own scale:
             # pred = u + scale * (cond - u) - negative_scale * (neg - u)
@@ -370,7 +380,8 @@ class SDGenerator:
         return latents_to_images(self.vae, latents, latent_scale=self.latent_scale)
 
     def _denoise(self, jobs, conditioning, generators, *, width: int, height: int, steps: int,
-                 init: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None):
+                 init: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
+                 guides: list | None = None):
         cond, uncond, model_fn, guidance = conditioning
         f = self.sampler.vae_scale_factor
         shape = (len(jobs), self.sampler.latent_channels, height // f, width // f)
@@ -380,10 +391,12 @@ class SDGenerator:
         proxy = SeededScheduler(scheduler, noise, generators, txt2img=init is None, init=init, mask=mask,
                                 steps=steps, strength=strength)
         start = init if init is not None else torch.zeros(shape)
-        return sample_latents(model_fn, proxy, shape=shape, steps=steps, cond=cond, uncond=uncond,
-                              guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
-                              device=self.device, dtype=self.dtype, init_latents=start,
-                              strength=strength if init is not None else 1.0, progress=False)
+        with self.controls.pass_for(guides, width, height, self.device, self.dtype):
+            return sample_latents(model_fn, proxy, shape=shape, steps=steps, cond=cond, uncond=uncond,
+                                  guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
+                                  device=self.device, dtype=self.dtype, init_latents=start,
+                                  strength=strength if init is not None else 1.0, progress=False,
+                                  on_step=self.controls.on_step)
 
     @torch.no_grad()
     def generate(self, jobs: Sequence[ImageJob]) -> list[GeneratedImage]:
@@ -393,6 +406,7 @@ class SDGenerator:
         self._text_cache = None  # the multipliers may change the text encoders
         conditioning = self._conditioning(jobs)
         generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+        guides = self.controls.next_guides(len(jobs))  # image k of the run: guide image k (cycling)
         w, h = j0.width, j0.height
         first = None
         if j0.init is not None:
@@ -403,11 +417,11 @@ class SDGenerator:
                 f = self.sampler.vae_scale_factor
                 mask = torch.cat([mask_to_latent_mask(j.init.mask, w // f, h // f) for j in jobs])
             latents = self._denoise(jobs, conditioning, generators, width=w, height=h, steps=j0.steps, init=init,
-                                    strength=j0.strength, mask=mask)
+                                    strength=j0.strength, mask=mask, guides=guides)
         elif self.args.highres_fix_scale:
             w1, h1 = first_pass_size(w, h, self.args.highres_fix_scale)
             low = self._denoise(jobs, self._conditioning(jobs, (w1, h1, self.args.highres_fix_scale)), generators,
-                                width=w1, height=h1, steps=self.args.highres_fix_steps)
+                                width=w1, height=h1, steps=self.args.highres_fix_steps, guides=guides)
             if self.args.highres_fix_save_1st or not self.args.highres_fix_latents_upscaling:
                 first = self.decode(low)
             f = self.sampler.vae_scale_factor
@@ -416,11 +430,11 @@ class SDGenerator:
             else:
                 up = self.encode_images(torch.cat([image_to_tensor(im, w, h) for im in first]))
             latents = self._denoise(jobs, conditioning, generators, width=w, height=h, steps=j0.steps, init=up,
-                                    strength=j0.strength)
+                                    strength=j0.strength, guides=guides)
             if not self.args.highres_fix_save_1st:
                 first = None
         else:
-            latents = self._denoise(jobs, conditioning, generators, width=w, height=h, steps=j0.steps)
+            latents = self._denoise(jobs, conditioning, generators, width=w, height=h, steps=j0.steps, guides=guides)
         images = self.decode(latents)
         return [GeneratedImage(j, im, first[i] if first else None) for i, (j, im) in enumerate(zip(jobs, images))]
 
@@ -479,7 +493,8 @@ def load_generator(args, device: torch.device | None = None) -> SDGenerator:
     try:
         embeddings = load_embeddings(args.textual_inversion_embeddings or [], tok, te, keys=cls.embedding_keys)
         networks = load_networks(args, text_encoder=te, unet=unet, vae=vae)
-    except (EmbeddingError, NetworkError) as e:
+        controls = load_controls(args, unet=unet, sdxl=args.sdxl)
+    except (EmbeddingError, NetworkError, ControlInputError) as e:
         raise GenerationError(str(e)) from None
     vae_dtype = torch.float32 if args.no_half_vae else dtype
     encoders = te if isinstance(te, list) else [te]
@@ -489,13 +504,15 @@ def load_generator(args, device: torch.device | None = None) -> SDGenerator:
             module.to(dtype=dt)
         module.eval().requires_grad_(False)
     networks.to(device, dtype)
+    controls.to(device, dtype)
     if args.xformers:
         if importlib.util.find_spec("xformers") is None:
             raise GenerationError("--xformers: the xformers package is not installed (pip install xformers), or drop "
                                   "--xformers: PyTorch SDPA attention is used by default")
         unet.enable_xformers_memory_efficient_attention()
         vae.enable_xformers_memory_efficient_attention()
-    return cls(unet, vae, te, tok, args, device=device, dtype=dtype, networks=networks, embeddings=embeddings)
+    return cls(unet, vae, te, tok, args, device=device, dtype=dtype, networks=networks, embeddings=embeddings,
+               controls=controls)
 
 
 def run(args, generator: SDGenerator | None = None) -> list[Path]:
@@ -507,6 +524,9 @@ def run(args, generator: SDGenerator | None = None) -> list[Path]:
 
 
 def _run(args, generator: SDGenerator | None) -> list[Path]:
+    from library.training.validation import check_writable_folder
+
+    check_writable_folder(args.outdir, "--outdir")  # now, not after the model has loaded and drawn a batch
     if args.highres_fix_strength is not None:
         logger.warning("--highres_fix_strength applies to an img2img first pass, which is not supported yet: ignored "
                        "(the second pass uses --strength)")

@@ -148,6 +148,7 @@ def sample_latents(
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
     progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise from noise (or from ``init_latents``) and return float32 latents on ``device``.
 
@@ -159,6 +160,9 @@ def sample_latents(
     img2img: with ``init_latents`` (model-space latents of ``shape``), noise is added at the first
     timestep kept for ``strength`` (1.0 = start from (almost) pure noise, 0 = return the input
     unchanged) and only the remaining steps run.
+
+    ``on_step(index, total)`` is called before each model call (``total`` = the calls of this run;
+    second-order schedulers list each timestep twice): what gen_img's ControlNet ratios follow.
     """
     device = torch.device(device)
     do_cfg = guidance_scale != 1.0
@@ -185,7 +189,9 @@ def sample_latents(
     # Ancestral samplers draw fresh noise every step: from our generator, so runs are reproducible.
     step_kwargs = {"generator": generator} if "generator" in step_params else {}
 
-    for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
+    for index, t in enumerate(tqdm(timesteps, desc="sampling", leave=False, disable=not progress)):
+        if on_step is not None:
+            on_step(index, len(timesteps))
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t).to(dtype)
         prediction = model_fn(model_input, t, cond_batch).float()

@@ -36,11 +36,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import toml  # not tomllib: that needs Python 3.11, and the README promises 3.10
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping, Sequence
+
+from library import toml_text
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +142,22 @@ def _as_seed(value: Any) -> int:
 def _as_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
+    number = None
     if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
         try:
-            return float(value.strip())
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            pass
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
         except ValueError:
             pass
-    raise ValueError("expected a number")
+    if number is None:
+        raise ValueError("expected a number")
+    if not math.isfinite(number):  # nan/inf (JSON NaN, "--l inf") would make every pixel NaN
+        raise ValueError("expected a finite number")
+    return number
 
 
 def _as_text(value: Any) -> str:
@@ -340,10 +351,18 @@ def prompt_from_dict(
     return _resolve(values, defaults=defaults, index=index, source=source, samplers=samplers)
 
 
+def _read_text(path: Path) -> str:
+    # utf-8-sig: Notepad-written files start with a BOM that would otherwise end up in prompt 0.
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text (invalid byte at offset {e.start}); "
+                              "re-save it with UTF-8 encoding") from None
+
+
 def _load_txt(path: Path, defaults: PromptDefaults, samplers: Collection[str] | None) -> list[SamplePrompt]:
     prompts: list[SamplePrompt] = []
-    # utf-8-sig: Notepad-written files start with a BOM that would otherwise end up in prompt 0.
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         prompts.append(parse_prompt_line(line, defaults=defaults, index=len(prompts),
@@ -353,7 +372,7 @@ def _load_txt(path: Path, defaults: PromptDefaults, samplers: Collection[str] | 
 
 def _load_toml(path: Path, defaults: PromptDefaults, samplers: Collection[str] | None) -> list[SamplePrompt]:
     try:
-        data = toml.loads(path.read_text(encoding="utf-8-sig"))
+        data = toml_text.loads(_read_text(path))
     except toml.TomlDecodeError as e:
         raise PromptFileError(f"{path}: invalid TOML: {e}") from None
     table = data.get("prompt")
@@ -381,7 +400,7 @@ def _load_toml(path: Path, defaults: PromptDefaults, samplers: Collection[str] |
 
 def _load_json(path: Path, defaults: PromptDefaults, samplers: Collection[str] | None) -> list[SamplePrompt]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(data, list):

@@ -71,6 +71,7 @@ def parse_block_lr(text: str | None, num_blocks: int) -> list[float] | None:
 class ModelTarget(TrainingTarget):
     """The denoiser (and optionally the text encoders) of the base model, saved as a checkpoint."""
 
+    tool_kind = "fine_tune"
     trains_base_weights = True
 
     def __init__(self, *, default_train_text_encoder: bool = False) -> None:
@@ -265,6 +266,8 @@ def save_diffusers_atomically(family: ModelFamily, models, folder: Path, *, dtyp
 
 class DreamBoothTarget(ModelTarget):
     """``train_db.py``: the text encoder trains by default (``--stop_text_encoder_training``)."""
+
+    tool_kind = "dreambooth"
 
     def __init__(self) -> None:
         super().__init__(default_train_text_encoder=True)

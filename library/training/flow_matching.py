@@ -14,7 +14,8 @@ sample. Formulas (reference: kohya_surface.md §7.3 FLUX, §7.4 SD3):
   ``uniform`` sigma ~ U(0, 1); ``sigmoid`` sigma = sigmoid(k n), n ~ N(0, 1), k = ``--sigmoid_scale``;
   ``shift`` that value shifted, ``s sigma / (1 + (s - 1) sigma)`` with s = ``--discrete_flow_shift``;
   ``flux_shift`` that value time-shifted, ``e^mu / (e^mu + (1/sigma - 1))`` with ``mu`` linear in
-  the packed token count through (256, 0.5), (4096, 1.15); ``sigma`` (default) u from the
+  the packed token count through (256, 0.5), (4096, 1.15); ``nextdit_shift`` (Lumina-Image 2.0) the
+  same time shift of sigma ~ U(0, 1); ``sigma`` (default) u from the
   ``--weighting_scheme`` density (``logit_normal``: sigmoid(N(``--logit_mean``, ``--logit_std``));
   ``mode``: ``1 - u - m (cos^2(pi u / 2) - 1 + u)``, u ~ U(0,1), m = ``--mode_scale``; otherwise
   U(0, 1)), then ``i = floor(1000 u)`` (clamped to [0, 999]) indexes the 1000-entry table of
@@ -50,7 +51,7 @@ __all__ = ["FlowConfig", "FlowMatchingObjective", "FlowPrediction", "MODEL_PREDI
            "timestep_density"]
 
 NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 WEIGHTING_SCHEMES = ("uniform", "sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
@@ -187,11 +188,11 @@ class FlowMatchingObjective:
         """``(sigmas [B], timesteps [B])`` float32 on ``device``, ``timesteps = 1000 sigmas``.
 
         Exactly one draw of ``batch_size`` values from the global torch RNG of ``device``:
-        ``torch.rand`` (uniform; sigma mode with a uniform/mode density), ``torch.randn``
+        ``torch.rand`` (uniform, nextdit_shift; sigma mode with a uniform/mode density), ``torch.randn``
         (sigmoid/shift/flux_shift) or ``torch.normal`` (sigma mode with logit_normal).
         sigma lies in [0, 1) (``uniform``), (0, 1) (sigmoid family) or (0, 1] (``sigma``: the table
         starts at exactly 1). ``image_seq_len`` (packed token count ``(h/2)(w/2)``) is needed by
-        ``flux_shift`` only.
+        ``flux_shift`` and ``nextdit_shift`` only.
         """
         cfg = self.config
         mode = cfg.timestep_sampling
@@ -203,8 +204,12 @@ class FlowMatchingObjective:
             index = (u * NUM_TRAIN_TIMESTEPS).floor().long().clamp_(0, NUM_TRAIN_TIMESTEPS - 1)
             timesteps, sigmas = self.table(device)
             return sigmas[index], timesteps[index]
-        if mode == "uniform":
+        if mode in ("uniform", "nextdit_shift"):
             sigmas = torch.rand(batch_size, device=device, dtype=torch.float32)
+            if mode == "nextdit_shift":
+                if image_seq_len is None:
+                    raise ValueError("--timestep_sampling nextdit_shift needs the image token count (image_seq_len)")
+                sigmas = flux_time_shift(flux_mu(image_seq_len), sigmas)
         else:
             sigmas = torch.sigmoid(cfg.sigmoid_scale * torch.randn(batch_size, device=device, dtype=torch.float32))
             if mode == "shift":

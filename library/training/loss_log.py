@@ -20,7 +20,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class LossLog:
-    def __init__(self, device: torch.device, *, window: int, flush_every: int = 10,
+    FLUSH_EVERY = 10  # steps per host read-back of the losses
+
+    def __init__(self, device: torch.device, *, window: int, flush_every: int = FLUSH_EVERY,
                  log: Callable[[dict, int], None] | None = None):
         self.flush_every = max(1, flush_every)
         self._buffer = torch.zeros(self.flush_every, device=device)

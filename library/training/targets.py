@@ -44,14 +44,26 @@ def parse_network_args(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _flagged(flag: str, error: Exception) -> str:
+    """``error``'s message, starting with the flag it is about unless it names it already."""
+    message = str(error)
+    return message if message.startswith(flag) else f"{flag}: {message}"
+
+
 class TrainingTarget(abc.ABC):
     """The trained part of a run. Methods are called by the loop in the order they are listed."""
 
+    #: the kind of tool, for messages that name the script to use for another model family
+    #: (a key of ``library.families.script_hints.FIXES``)
+    tool_kind: str = "network"
     #: whether the text encoders run with gradients (their forward in the step is not under no_grad)
     train_text_encoder: bool = False
     #: whether this target trains base-model weights (the denoiser, and the text encoders when
     #: ``train_text_encoder``): those are kept in ``trained_dtype``, the frozen ones in the weight dtype
     trains_base_weights: bool = False
+    #: whether every image needs a ControlNet conditioning image: the dataset is built as a ControlNet
+    #: dataset and batches carry ``conditioning_images`` (``library.dataset_config.build_dataset_group``)
+    needs_conditioning_images: bool = False
 
     def validate_args(self, args) -> None:
         """Flag checks of this training method, before any loading."""
@@ -135,15 +147,21 @@ class NetworkTarget(TrainingTarget):
         if getattr(args, "base_weights", None):  # merged first: the new network trains on top of them
             merge_base_weights(module, args.base_weights, args.base_weights_multiplier, models.vae, text_encoders,
                                models.denoiser)
-        if args.dim_from_weights:
-            network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae, text_encoders,
-                                                            models.denoiser, **network_args)
-        else:
-            kwargs = dict(network_args)
-            if args.network_dropout is not None:
-                kwargs.setdefault("dropout", str(args.network_dropout))  # the name LyCORIS reads
-            network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
-                                            models.denoiser, neuron_dropout=args.network_dropout, **kwargs)
+        # The plug-in API reports bad --network_args values (and weights that do not fit) as ValueError
+        # with a message for the user: shown as one line naming the flag, not as a traceback.
+        try:
+            if args.dim_from_weights:
+                network, _ = module.create_network_from_weights(1.0, args.network_weights, models.vae,
+                                                                text_encoders, models.denoiser, **network_args)
+            else:
+                kwargs = dict(network_args)
+                if args.network_dropout is not None:
+                    kwargs.setdefault("dropout", str(args.network_dropout))  # the name LyCORIS reads
+                network = module.create_network(1.0, args.network_dim, args.network_alpha, models.vae, text_encoders,
+                                                models.denoiser, neuron_dropout=args.network_dropout, **kwargs)
+        except ValueError as e:
+            flag = "--network_weights" if args.dim_from_weights else "--network_args"
+            raise ArgumentError(_flagged(flag, e)) from None
         if network is None:
             raise ArgumentError(f"--network_module {module.__name__}: create_network returned nothing")
         if hasattr(network, "prepare_network"):
@@ -151,7 +169,10 @@ class NetworkTarget(TrainingTarget):
         network.apply_to(text_encoders, models.denoiser, not args.network_train_unet_only,
                          not args.network_train_text_encoder_only)
         if args.network_weights:
-            info = network.load_weights(args.network_weights)
+            try:
+                info = network.load_weights(args.network_weights)
+            except ValueError as e:  # another model's LoRA, other shapes, a damaged file
+                raise ArgumentError(_flagged("--network_weights", e)) from None
             logger.info("loaded network weights from %s: %s", args.network_weights, info)
         self.network, self.prepared, self.network_args = network, network, network_args
         # A network without text encoder modules (OFT, or a LoRA whose TE part was dropped) runs the

@@ -139,6 +139,7 @@ class EmbeddingTarget(TrainingTarget):
     ``file_keys``: the key of each text encoder's table in the embedding file (SD: one).
     """
 
+    tool_kind = "textual_inversion"
     file_keys: tuple[str, ...] = ("emb_params",)
     train_text_encoder = True  # the text encoders run with gradients: they carry them to the vectors
     trains_base_weights = False

@@ -30,19 +30,21 @@ from library.args import ArgumentError
 from library.families.base import FamilyModels, ModelFamily
 from library.log import setup_logging
 from library.training import metadata as md
-from library.training.accelerator import allow_fp16_gradients, make_accelerator, store_in_fp8, weight_dtypes
+from library.training.accelerator import (allow_fp16_gradients, make_accelerator, prepare_trained, store_in_fp8,
+                                          weight_dtypes)
 from library.training.data_order import EpochShuffleSampler, make_dataloader
 from library.training.fused_backward import FusedOptimizerView, FusedSchedulerView, fused_from_args
+from library.training.interrupt import InterruptFlag, TrainingInterrupted
 from library.training.loss import LossConfig, prediction_loss
 from library.training.loss_log import LossLog
 from library.training.network_extras import MaxNormLog
 from library.training.optimizer import (choose_optimizer, lr_log_values, make_lr_scheduler, make_optimizer,
                                         optimizer_eval_mode, optimizer_train_mode, steps_per_epoch)
 from library.training.saving import SavePolicy, read_train_state, write_train_state
-from library.training.targets import NetworkTarget, TrainingTarget, parse_network_args  # noqa: F401 - re-export
+from library.training.targets import NetworkTarget, TrainingTarget
 from library.training import trackers
 from library.training.validation_loss import ValidationRunner, ValidationSettings, family_batch_losses
-from library.training.validation import validate_training_args
+from library.training.validation import check_resume_state_fits, validate_training_args
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class Trainer:
         self.loss_config: LossConfig | None = None  # built once from args in train()
         self.validator: ValidationRunner | None = None  # set by train() when there is a validation set
         self.fused_clipping = False  # True when --fused_* optimizers clip inside the backward pass
+        self.interrupt: InterruptFlag | None = None  # set while the loop runs: Ctrl-C stops at a step boundary
 
     # ============================================================================ the recipe
     def train(self, args) -> None:
@@ -105,7 +108,8 @@ class Trainer:
         if args.sample_prompts:  # a bad prompt file fails now, not at the first preview hours later
             from library.sampling.prompts import load_prompts
 
-            load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args))
+            load_prompts(args.sample_prompts, defaults=self.family.sample_defaults(args),
+                         samplers=self.family.sampler_names)
         self.loss_config = LossConfig.from_args(args)
         if args.seed is None:
             args.seed = random.randint(0, 2**31 - 1)
@@ -115,16 +119,26 @@ class Trainer:
 
         accelerator = make_accelerator(args)
         weight_dtype, save_dtype = weight_dtypes(args)
-        models = self.family.load_models(args, accelerator.device, weight_dtype)
-
         from library.dataset_config import build_dataset_group  # data stack only when training
 
+        def build_data(tokenize):
+            return build_dataset_group(args, tokenize=tokenize, latents_stride=self.family.latents_stride,
+                                       bucket_reso_steps_multiple=self.family.bucket_reso_multiple,
+                                       conditioning_images=self.target.needs_conditioning_images)
+
+        # The data (image headers, captions) is read before the models load, so a bad dataset fails in
+        # seconds; the tokenizer the workers need is attached once loaded. A --dataset_class receives its
+        # tokenize function when it is built, so it is built after loading.
+        early_data = None if getattr(args, "dataset_class", None) else build_data(None)
+        models = self.family.load_models(args, accelerator.device, weight_dtype)
         tokenize = self.family.make_tokenize_fn(models, args)
         # With cached text-encoder outputs the batches need no token ids: the workers do not tokenize.
-        train_group, val_group = build_dataset_group(args, tokenize=None if cache_te else tokenize,
-                                                     latents_stride=self.family.latents_stride,
-                                                     bucket_reso_steps_multiple=self.family.bucket_reso_multiple)
+        worker_tokenize = None if cache_te else tokenize
+        train_group, val_group = early_data or build_data(worker_tokenize)
         groups = [g for g in (train_group, val_group) if g is not None]
+        if early_data is not None:
+            for group in groups:
+                group.tokenize = worker_tokenize
         self.target.prepare_data(args, self.family, models, groups)  # e.g. textual inversion's token strings
         if args.debug_dataset:
             from library.data.dataset import debug_dataset
@@ -146,6 +160,8 @@ class Trainer:
 
         target = self.target
         target.create(args, self.family, models)
+        if args.resume:  # a state of another model or network: one line now, not accelerate's key dump later
+            check_resume_state_fits(args.resume, target.modules())
         self.prepare_models_for_training(args, models, accelerator, weight_dtype)
 
         params, self.lr_names = target.optimizer_params(args)
@@ -166,11 +182,11 @@ class Trainer:
         if fused is None:
             optimizer = make_optimizer(optimizer_choice, params, args.learning_rate)
             lr_scheduler = make_lr_scheduler(args, optimizer, total_steps)
-            *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*target.modules(), optimizer,
-                                                                                  dataloader, lr_scheduler)
+            prepared, (optimizer, dataloader, lr_scheduler) = prepare_trained(accelerator, target.modules(), optimizer,
+                                                                              dataloader, lr_scheduler)
         else:
             # Updates happen inside backward(): accelerate must not wrap the optimizers, only save them.
-            *prepared, dataloader = accelerator.prepare(*target.modules(), dataloader)
+            prepared, (dataloader,) = prepare_trained(accelerator, target.modules(), dataloader)
             accelerator.register_for_checkpointing(fused)
             optimizer, lr_scheduler = FusedOptimizerView(fused), FusedSchedulerView(fused)
         self.fused_clipping = fused is not None  # --max_grad_norm is applied inside the fused steps
@@ -194,18 +210,24 @@ class Trainer:
         if val_group is not None:
             self.validator = self.make_validator(args, accelerator, models, val_group, schedule)
 
-        self.loop(args, accelerator, models, optimizer, lr_scheduler, dataloader, train_group, schedule, policy,
-                  base_metadata, save_dtype, weight_dtype)
+        with InterruptFlag(check_every=LossLog.FLUSH_EVERY) as self.interrupt:
+            self.loop(args, accelerator, models, optimizer, lr_scheduler, dataloader, train_group, schedule, policy,
+                      base_metadata, save_dtype, weight_dtype)
 
     # ================================================================================= set-up
     def cache_latents(self, args, models: FamilyModels, group, accelerator) -> None:
         vae = models.vae
         vae.to(accelerator.device)
         encode = lambda images: self.family.encode_images(models, images.to(accelerator.device))  # noqa: E731
+        options = dict(vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
+                       skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix,
+                       suffixed_keys=self.family.latent_cache_suffixed_keys)
         with torch.no_grad():
-            group.cache_latents(encode, vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
-                                skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix,
-                                suffixed_keys=self.family.latent_cache_suffixed_keys)
+            if args.cache_latents_to_disk and accelerator.num_processes > 1:  # each process writes its share
+                group.cache_latents(encode, process_index=accelerator.process_index,
+                                    num_processes=accelerator.num_processes, **options)
+                accelerator.wait_for_everyone()
+            group.cache_latents(encode, **options)
         vae.to("cpu")  # the VAE is not needed again until sampling: free the device memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -421,6 +443,10 @@ class Trainer:
                     losses.flush()
                     with optimizer_eval_mode(optimizer):
                         self.validator.run(kind="step", step=global_step, train_loss=losses.average, log=log)
+                if self.interrupt is not None and self.interrupt.stop_now(accelerator, global_step):
+                    accelerator.end_training()
+                    self.stop_on_interrupt(args, accelerator, policy, losses, base_metadata, save_dtype,
+                                           epoch=epoch + 1, step=global_step)
                 if global_step >= schedule.max_train_steps:
                     break
 
@@ -449,6 +475,21 @@ class Trainer:
                   with_state=policy.save_state or policy.save_state_on_train_end)
         accelerator.end_training()
         logger.info("training finished: %s", policy.model_path(policy.final_stem()))
+
+    def stop_on_interrupt(self, args, accelerator, policy: SavePolicy, losses: LossLog, base_metadata, save_dtype, *,
+                          epoch: int, step: int) -> None:
+        """Ctrl-C/SIGTERM reached a step boundary: save model and state when asked, then raise
+        :class:`TrainingInterrupted` (the entry script exits with status 130 and this message)."""
+        losses.flush()  # a NaN found now still stops without saving
+        if not (policy.save_state or getattr(args, "save_state_on_interrupt", False)):
+            raise TrainingInterrupted(f"interrupted at step {step}; nothing saved (--save_state or "
+                                      "--save_state_on_interrupt keep a state to --resume from)")
+        stem = policy.step_stem(step)
+        if not (policy.saves_at_step(step) and policy.save_state):  # else this step's save already holds it
+            self.save(args, accelerator, policy, stem, base_metadata, save_dtype, epoch=epoch, step=step,
+                      with_state=True)
+        raise TrainingInterrupted(f"interrupted at step {step}; saved {policy.model_path(stem)} and the state "
+                                  f"{policy.state_dir(stem)}; continue with --resume {policy.state_dir(stem)}")
 
     @staticmethod
     def find_sampler(dataloader) -> EpochShuffleSampler:
@@ -508,9 +549,16 @@ class Trainer:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             write_train_state(tmp, epoch=epoch, step=step)
+            # Moved aside, not deleted, until the new state is in place: a kill in between leaves
+            # `<name>-state.old`, still a complete state to resume from.
+            old = state_dir.with_name(state_dir.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
             if state_dir.exists():
-                shutil.rmtree(state_dir)
+                os.replace(state_dir, old)
             os.replace(tmp, state_dir)
+            if old.exists():
+                shutil.rmtree(old)
             logger.info("saved state %s", state_dir)
 
     @staticmethod

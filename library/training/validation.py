@@ -18,26 +18,139 @@ logger = logging.getLogger(__name__)
 def check_writable_folder(folder: str, flag: str) -> None:
     """Prove that files can be written in ``folder`` (or, if it does not exist yet, that it can be
     created), so that a bad output folder stops the run now instead of at the first save after
-    hours of training. Nothing is left behind: a missing folder is not created here."""
-    import tempfile
-
+    hours of training. Nothing is left behind: a missing folder is not created here (a temporary
+    sub-folder of its nearest existing parent is made and removed, which permission bits alone
+    cannot tell, e.g. under /proc or on a read-only mount)."""
     path = os.path.abspath(folder)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ArgumentError(f"{flag} {folder} is a file, not a folder: give a folder (it is created if missing)")
+    problem = _folder_problem(path)
+    if problem is not None:
+        blocker, reason = problem
+        what = f"cannot be created, {blocker} is a file" if blocker else f"cannot write there ({reason})"
+        raise ArgumentError(f"{flag} {folder}: {what}; give a folder you can write to")
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """:func:`check_writable_folder` for the folder of an output file, which must not be a folder itself."""
+    if os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path} is a folder: give the path of the file to write")
+    problem = _folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem is None and os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = None, "the file exists and is read-only"
+    if problem is not None:
+        blocker, reason = problem
+        raise ArgumentError(f"{flag} {path}: cannot write it ({f'{blocker} is a file' if blocker else reason}); "
+                            "give a path you can write to")
+
+
+def _folder_problem(path: str) -> tuple[str | None, str] | None:
+    """Why no file can be written in the folder ``path`` (absolute): (the file standing where a
+    parent folder would be, or None; the reason), or None when files can be written there."""
+    import tempfile
+
     existing = path
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ArgumentError(f"{flag} {folder}: cannot be created, {existing} is a file; give a folder you can write to")
+        return existing, "a parent is a file"
     try:
         if existing == path:
             with tempfile.TemporaryFile(dir=path):
                 pass
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
     except OSError as e:
-        raise ArgumentError(f"{flag} {folder}: cannot write there ({e.strerror or e}); "
-                            "give a folder you can write to") from None
+        return None, str(e.strerror or e)
+    return None
+
+
+#: top-level key prefixes of full model checkpoints (SD/SDXL single files, FLUX/SD3 DiTs): never a network
+_MODEL_KEY_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.", "first_stage_model.",
+                       "double_blocks.", "single_blocks.", "joint_blocks.")
+
+
+def check_network_file(path: str, flag: str) -> None:
+    """A LoRA/network file given to ``flag`` exists, is not empty, and (``.safetensors``: its header
+    only is read) is readable and not a model checkpoint. Whether it fits the model is checked when
+    the network is built."""
+    if not os.path.isfile(path):
+        raise ArgumentError(f"{flag} {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ArgumentError(f"{flag} {path}: the file is empty (0 bytes); an interrupted download or copy leaves "
+                            "such files, fetch or save it again")
+    if not path.lower().endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error type, or OSError, for a damaged header
+        raise ArgumentError(f"{flag} {path}: not a readable safetensors file ({e}); an interrupted download or "
+                            "copy leaves such files, fetch or save it again") from None
+    if keys and not any(k.startswith(("lora_", "oft_", "lycoris_")) for k in keys) and any(
+            k.startswith(_MODEL_KEY_PREFIXES) for k in keys):
+        raise ArgumentError(f"{flag} {path} is a model checkpoint, not a LoRA/network file: give it with "
+                            f"--pretrained_model_name_or_path; {flag} takes a file written by a network training "
+                            "run (or by networks/extract_lora_from_models.py)")
+
+
+def check_resume_folder(args) -> None:
+    """``--resume``: a state folder as ``--save_state`` writes it (``train_state.json`` readable), and no
+    ``--initial_step/--initial_epoch`` beside it (the state's own step would silently win)."""
+    import json
+
+    from library.training.saving import TRAIN_STATE_FILE
+
+    folder = args.resume
+    if not os.path.isdir(folder):
+        raise ArgumentError(f"--resume {folder}: no such state folder (written by --save_state as '<name>-state')")
+    state_file = os.path.join(folder, TRAIN_STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise ArgumentError(f"--resume {folder}: not a training state folder (no {TRAIN_STATE_FILE}); give a "
+                            "'<output_name>-state' folder written with --save_state (to continue from a LoRA file "
+                            "alone, use --network_weights)")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            step = int(json.load(f)["current_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArgumentError(f"--resume {folder}: {TRAIN_STATE_FILE} is damaged ({e}); resume from another state "
+                            "folder") from None
+    for flag in ("initial_step", "initial_epoch"):
+        if getattr(args, flag, None):
+            raise ArgumentError(f"--{flag} {getattr(args, flag)} cannot be used with --resume: the resumed run "
+                                f"continues at the state's step {step}. Drop --{flag} (or drop --resume to start "
+                                "new weights at that step)")
+
+
+def check_resume_state_fits(state_dir: str, modules: list) -> None:
+    """Before accelerate loads ``--resume`` into the trained ``modules``: the state's weight files
+    (``model.safetensors``, ``model_1.safetensors``, ...) hold the same names and shapes, so a state of
+    another base model or network is a one-line error instead of a wall of missing keys."""
+    from safetensors import safe_open
+
+    for index, module in enumerate(modules):
+        name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+        path = os.path.join(state_dir, name)
+        if not os.path.isfile(path):
+            continue  # accelerate's other layouts (pytorch_model.bin, sharded): it checks those itself
+        own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # a damaged weights file: safetensors' own error type or OSError
+            raise ArgumentError(f"--resume {state_dir}: {name} is not readable ({e}); resume from another state "
+                                "folder") from None
+        unexpected = [k for k in saved if k not in own]
+        reshaped = [k for k in saved if k in own and saved[k] != own[k]]
+        if unexpected or reshaped or (saved and not set(saved) & set(own)):
+            example = (f"{reshaped[0]} is {list(saved[reshaped[0]])} in the state but {list(own[reshaped[0]])} here"
+                       if reshaped else f"e.g. {unexpected[0]}" if unexpected else "no name in common")
+            raise ArgumentError(f"--resume {state_dir}: the state was saved for another model or network "
+                                f"({len(unexpected) + len(reshaped)} of {len(saved)} weights in {name} do not fit: "
+                                f"{example}); resume with the base model and --network_* flags of the run that "
+                                "saved it")
 
 
 def validate_training_args(args) -> None:
@@ -69,8 +182,13 @@ def validate_training_args(args) -> None:
         raise ArgumentError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if getattr(args, "dim_from_weights", False) and not getattr(args, "network_weights", None):
         raise ArgumentError("--dim_from_weights needs --network_weights")
-    if getattr(args, "network_weights", None) and not os.path.isfile(args.network_weights):
-        raise ArgumentError(f"--network_weights {args.network_weights}: no such file")
+    if getattr(args, "network_weights", None):
+        check_network_file(args.network_weights, "--network_weights")
+    for path in getattr(args, "base_weights", None) or []:
+        check_network_file(path, "--base_weights")
+    if getattr(args, "vae", None) and not os.path.exists(args.vae):
+        raise ArgumentError(f"--vae {args.vae}: no such file or folder (a VAE .safetensors/.ckpt file, a full "
+                            "checkpoint or a Diffusers VAE folder)")
 
     if args.cache_latents_to_disk:
         args.cache_latents = True  # to-disk caching implies caching
@@ -90,8 +208,8 @@ def validate_training_args(args) -> None:
     if args.xformers and importlib.util.find_spec("xformers") is None:
         raise ArgumentError("--xformers: the xformers package is not installed (pip install xformers), "
                             "or drop the flag to use PyTorch SDPA attention")
-    if args.resume and not os.path.isdir(args.resume):
-        raise ArgumentError(f"--resume {args.resume}: no such state folder (written by --save_state as '<name>-state')")
+    if args.resume:
+        check_resume_folder(args)
     if (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first) and not args.sample_prompts:
         raise ArgumentError("sampling was requested (--sample_every_n_*/--sample_at_first) but --sample_prompts is missing")
     if args.sample_prompts and not os.path.isfile(args.sample_prompts):
@@ -207,7 +325,9 @@ def _check_noise_and_loss_flags(args) -> None:
     if get("v_pred_like_loss") is not None and get("v_pred_like_loss") < 0:
         raise ArgumentError(f"--v_pred_like_loss {get('v_pred_like_loss')} must be 0 or more")
 
-    masks_dir = get("conditioning_data_dir")
+    # Only scripts with --masked_loss read --conditioning_data_dir as masks; the ControlNet scripts (no
+    # --masked_loss) read it as conditioning images and check it themselves.
+    masks_dir = get("conditioning_data_dir") if hasattr(args, "masked_loss") else None
     if masks_dir and not get("masked_loss"):
         raise ArgumentError(f"--conditioning_data_dir {masks_dir}: mask images are only used with --masked_loss: "
                             "add --masked_loss, or drop --conditioning_data_dir")

@@ -34,6 +34,12 @@ class FluxFamily(DiTFamily):
     family_label = "FLUX.1"
     flow_options = "--timestep_sampling and --weighting_scheme"
     modelspec_implementation = MODELSPEC_IMPLEMENTATION
+    #: the ``--model_type`` this family trains (the entry script picks the family by it)
+    model_type = "flux"
+    #: the model files besides the DiT that must be given
+    required_files = ("ae", "clip_l", "t5xxl")
+    #: ``--guidance_scale`` when it is not given (the reference's default)
+    default_guidance_scale = 3.5
 
     def __init__(self) -> None:
         #: set by load_models from the DiT's weights; the metadata names the variant
@@ -41,15 +47,20 @@ class FluxFamily(DiTFamily):
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args) -> None:
-        if args.model_type == "chroma":
-            raise ArgumentError("--model_type chroma is not supported yet: only FLUX.1 dev/schnell models train here")
-        for name in ("ae", "clip_l", "t5xxl"):
+        model_type = getattr(args, "model_type", None) or "flux"
+        if model_type != self.model_type:
+            raise ArgumentError(f"--model_type {model_type}: this script trains --model_type {self.model_type} only")
+        for name in self.required_files:
             value = getattr(args, name)
             if not value:
-                raise ArgumentError(f"--{name} is required for FLUX.1: the path of the {name} .safetensors file")
+                raise ArgumentError(f"--{name} is required for {self.family_label}: the path of the {name} "
+                                    ".safetensors file")
             if not os.path.isfile(value):
                 raise ArgumentError(f"--{name} {value}: no such file")
-        if args.network_module in ("networks.lora", "networks.dylora", "networks.oft"):
+        if getattr(args, "guidance_scale", None) is None:
+            args.guidance_scale = self.default_guidance_scale
+        self._check_controlnet_flag(args)
+        if getattr(args, "network_module", None) in ("networks.lora", "networks.dylora", "networks.oft"):
             raise ArgumentError(f"--network_module {args.network_module} is for SD/SDXL U-Nets; FLUX.1 LoRAs use "
                                 "--network_module networks.lora_flux")
         self._refuse_ddpm_flags(args)
@@ -70,6 +81,12 @@ class FluxFamily(DiTFamily):
             logger.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
             args.blocks_to_swap = args.blocks_to_swap or 18
         self._validate_training_args(args)
+
+    def _check_controlnet_flag(self, args) -> None:
+        """A LoRA run with a frozen ControlNet (the reference's advanced option) is not supported here."""
+        if getattr(args, "controlnet_model_name_or_path", None) and not getattr(args, "trains_flux_controlnet", False):
+            raise ArgumentError("--controlnet_model_name_or_path: training a network together with a frozen FLUX "
+                                "ControlNet is not supported; to train the ControlNet use flux_train_control_net.py")
 
     def _flow_config(self, args):
         from library.training.flow_matching import FlowConfig
@@ -93,12 +110,22 @@ class FluxFamily(DiTFamily):
                             extra={"objective": objective, "flux": loaded})
 
     def make_tokenize_fn(self, models: FamilyModels, args):
-        clip_tokenizer, t5_tokenizer = models.tokenizers
+        clip_tokenizer, t5_tokenizer = self._tokenizers(models)
         return functools.partial(flux_text.tokenize, clip_tokenizer, t5_tokenizer,
                                  t5_max_length=args.t5xxl_max_token_length)
 
     def _t5_encoder(self, models: FamilyModels):
         return models.text_encoders[1]  # [CLIP-L, T5]: FLUX always has T5
+
+    def _encoders(self, models: FamilyModels):
+        """(CLIP-L or None, T5) of the loaded models."""
+        clip_l, t5 = models.text_encoders
+        return clip_l, t5
+
+    def _tokenizers(self, models: FamilyModels):
+        """(CLIP tokenizer or None, T5 tokenizer)."""
+        clip_tokenizer, t5_tokenizer = models.tokenizers
+        return clip_tokenizer, t5_tokenizer
 
     # --- per step ------------------------------------------------------------------------------
     def encode_images(self, models: FamilyModels, images: torch.Tensor) -> torch.Tensor:
@@ -107,10 +134,10 @@ class FluxFamily(DiTFamily):
         return encode_latents(models.vae, images)
 
     def encode_text(self, models: FamilyModels, batch: dict, args) -> FluxTextConditioning:
-        clip_l, t5 = models.text_encoders
+        clip_l, t5 = self._encoders(models)
         ids = batch.get("input_ids")
         if ids is None:  # e.g. text-encoder caching without a worker-side tokenizer
-            clip_tokenizer, t5_tokenizer = models.tokenizers
+            clip_tokenizer, t5_tokenizer = self._tokenizers(models)
             ids = flux_text.tokenize(clip_tokenizer, t5_tokenizer, batch["captions"], args.t5xxl_max_token_length)
         ids = {k: v.to(t5.device) for k, v in ids.items()}
         return flux_text.encode(clip_l, t5, ids, apply_t5_attn_mask=args.apply_t5_attn_mask)
@@ -138,9 +165,12 @@ class FluxFamily(DiTFamily):
         if flux.config.guidance_embed:
             guidance = torch.full((batch_size,), float(args.guidance_scale), device=device, dtype=dtype)
         mask = conditioning.t5_attn_mask if args.apply_t5_attn_mask else None
-        out = flux(pack_latents(noisy).to(dtype), image_ids(batch_size, height, width, device=device, dtype=dtype),
-                   conditioning.t5_out, text_ids(batch_size, conditioning.t5_out.shape[1], device=device, dtype=dtype),
-                   sigmas.to(dtype), conditioning.l_pooled.to(dtype), guidance, txt_attention_mask=mask)
+        inputs = (pack_latents(noisy).to(dtype), image_ids(batch_size, height, width, device=device, dtype=dtype),
+                  conditioning.t5_out, text_ids(batch_size, conditioning.t5_out.shape[1], device=device, dtype=dtype),
+                  sigmas.to(dtype), conditioning.l_pooled.to(dtype), guidance)
+        control = models.extra.get("flux_control")  # a ControlNet run's (library/families/flux/controlnet_target.py)
+        residuals = control.step_kwargs(*inputs, mask, batch) if control is not None else {}
+        out = flux(*inputs, txt_attention_mask=mask, **residuals)
         # Unpacked again, so masks and the loss see [B, C, h, w] like every other family.
         out = unpack_latents(out.float(), height, width)
         flow = objective.precondition(out, noisy, sigmas, latents, noise)
@@ -184,9 +214,15 @@ class FluxFamily(DiTFamily):
     def sample_image(self, models: FamilyModels, prompt, generator, args, device, dtype):
         from library.families.flux.generation import FluxSampler
 
-        clip_l, t5 = models.text_encoders
-        sampler = FluxSampler(models.denoiser, models.vae, clip_l, t5, *models.tokenizers,
-                              t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask)
+        clip_l, t5 = self._encoders(models)
+        control = models.extra.get("flux_control")
+        control_image = None
+        if control is not None:
+            control_image, prompt = control.preview(prompt)
+        sampler = FluxSampler(models.denoiser, models.vae, clip_l, t5, *self._tokenizers(models),
+                              t5_max_length=args.t5xxl_max_token_length, apply_t5_attn_mask=args.apply_t5_attn_mask,
+                              controlnet=control.model if control_image is not None else None,
+                              control_image=control_image)
         compute_dtype = t5.dtype if t5.dtype != torch.float8_e4m3fn else torch.bfloat16
         with torch.autocast(device_type=torch.device(device).type, dtype=compute_dtype,
                             enabled=compute_dtype != torch.float32):

@@ -35,6 +35,12 @@ def flux_prompt_defaults(sampler: str | None = None) -> PromptDefaults:
     return PromptDefaults(sampler=sampler, **FLUX_PROMPT_DEFAULTS)
 
 
+def chroma_prompt_defaults(sampler: str | None = None) -> PromptDefaults:
+    """FLUX's defaults with ``--g 0``: Chroma is not guidance-distilled (the reference docs ask for
+    ``--g 0`` and real CFG, e.g. ``--l 4 --n <negative prompt>``)."""
+    return PromptDefaults(sampler=sampler, **{**FLUX_PROMPT_DEFAULTS, "guidance_scale": 0.0})
+
+
 @dataclass
 class FluxSampler:
     """The models one FLUX generation needs; :meth:`generate` makes an image of a prompt."""
@@ -47,6 +53,9 @@ class FluxSampler:
     t5_tokenizer: Any
     t5_max_length: int
     apply_t5_attn_mask: bool = False
+    #: a FLUX ControlNet and its control image [1, 3, H, W] in [0, 1] (the image's size): residuals every step
+    controlnet: torch.nn.Module | None = None
+    control_image: torch.Tensor | None = None
 
     def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> flux_text.FluxTextConditioning:
         ids = flux_text.tokenize(self.clip_tokenizer, self.t5_tokenizer, prompts, self.t5_max_length)
@@ -68,7 +77,13 @@ class FluxSampler:
         if self.flux.config.guidance_embed:
             g = torch.full((batch,), 3.5 if guidance is None else guidance, device=device, dtype=dtype)
         mask = cond.t5_attn_mask if self.apply_t5_attn_mask else None
-        out = self.flux(img, ids, cond.t5_out, txt_ids, t, cond.l_pooled, g, txt_attention_mask=mask)
+        inputs = (img, ids, cond.t5_out, txt_ids, t, cond.l_pooled, g)
+        residuals = {}
+        if self.controlnet is not None and self.control_image is not None:
+            from library.families.flux.controlnet import residual_kwargs
+
+            residuals = residual_kwargs(self.controlnet, img, ids, self.control_image, *inputs[2:], mask)
+        out = self.flux(*inputs, txt_attention_mask=mask, **residuals)
         return unpack_latents(out.float(), height, width)
 
     @torch.no_grad()

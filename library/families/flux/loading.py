@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def _checked_flux_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    from library.families.flux.chroma import CHROMA_MARKER_KEY, is_chroma_state_dict
+
     state_dict = strip_flux_prefix(state_dict)
+    if is_chroma_state_dict(state_dict):
+        raise CheckpointError(f"{path}: this is a Chroma model ({CHROMA_MARKER_KEY} is present), not FLUX.1 "
+                              "dev/schnell: add --model_type chroma")
     if not any(k.startswith("double_blocks.") for k in state_dict):
         hint = ""
         if any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
@@ -63,7 +68,8 @@ def load_flux_dit(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
 
 @dataclass
 class FluxModels:
-    """Everything a FLUX LoRA run loads."""
+    """Everything a FLUX LoRA run loads (Chroma: ``flux`` is a Chroma DiT, no CLIP-L: ``clip_l`` and
+    ``clip_tokenizer`` are None)."""
 
     flux: Flux
     ae: Any
@@ -77,21 +83,27 @@ class FluxModels:
         return self.flux.config
 
 
-def load_flux_models(dit_path: str, *, ae_path: str, clip_l_path: str, t5_path: str,
+def load_flux_models(dit_path: str, *, ae_path: str, clip_l_path: str | None, t5_path: str,
                      tokenizer_cache_dir: str | None, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", mmap: bool = True) -> FluxModels:
-    """DiT, AE (float32: it runs once per image while caching), CLIP-L, T5-XXL and both tokenizers."""
+                     device: str | torch.device = "cpu", mmap: bool = True,
+                     load_dit: Callable[..., torch.nn.Module] = load_flux_dit) -> FluxModels:
+    """DiT, AE (float32: it runs once per image while caching), CLIP-L, T5-XXL and both tokenizers.
+
+    ``load_dit`` reads the DiT file (Chroma: :func:`library.families.flux.chroma_loading.load_chroma_dit`);
+    ``clip_l_path`` None loads no CLIP-L (Chroma has none).
+    """
     from library.families.flux.autoencoder import load_flux_ae
     from library.families.sd.tokenizer import load_clip_tokenizer
     from library.families.t5_tokenizer import load_t5_tokenizer
     from library.families.text_encoder_files import load_clip_l, load_t5xxl
 
-    flux = load_flux_dit(dit_path, dtype=dtype, device=device, mmap=mmap)
-    ae = load_flux_ae(ae_path, dtype=torch.float32, device=device, mmap=mmap)
-    clip_l = load_clip_l(clip_l_path, dtype=dtype, device=device, mmap=mmap)
-    t5 = load_t5xxl(t5_path, dtype=dtype, device=device, mmap=mmap)
-    clip_tokenizer = load_clip_tokenizer(v2=False, cache_dir=tokenizer_cache_dir)
+    # The tokenizers first: a missing tokenizer folder is found in a second, not after loading the DiT.
+    clip_tokenizer = load_clip_tokenizer(v2=False, cache_dir=tokenizer_cache_dir) if clip_l_path else None
     t5_tokenizer = load_t5_tokenizer(tokenizer_cache_dir)
+    flux = load_dit(dit_path, dtype=dtype, device=device, mmap=mmap)
+    ae = load_flux_ae(ae_path, dtype=torch.float32, device=device, mmap=mmap)
+    clip_l = load_clip_l(clip_l_path, dtype=dtype, device=device, mmap=mmap) if clip_l_path else None
+    t5 = load_t5xxl(t5_path, dtype=dtype, device=device, mmap=mmap)
     if len(t5_tokenizer) > t5.config.vocab_size:
         raise CheckpointError(f"the T5 tokenizer has {len(t5_tokenizer)} tokens but the --t5xxl model {t5_path} only "
                               f"{t5.config.vocab_size}: the tokenizer folder is not T5-XXL's")

@@ -18,7 +18,7 @@ Memory options for training: ``enable_gradient_checkpointing(cpu_offload=...)`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,17 +262,21 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Separate image and text weights, one joint attention over [text; image] tokens."""
 
+    #: FLUX.1 blocks compute their shift/scale/gate from ``vec`` (``img_mod``/``txt_mod``); Chroma's
+    #: blocks (:mod:`library.families.flux.chroma`) are given them and have no modulation layers.
+    has_modulation = True
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool) -> None:
         super().__init__()
         mlp_hidden = round(hidden_size * mlp_ratio)
         self.num_heads = num_heads
         self.hidden_size = hidden_size
-        self.img_mod = Modulation(hidden_size, double=True)
+        self.img_mod = Modulation(hidden_size, double=True) if self.has_modulation else None
         self.img_norm1 = _layer_norm(hidden_size)
         self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.img_norm2 = _layer_norm(hidden_size)
         self.img_mlp = _mlp(hidden_size, mlp_hidden)
-        self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_mod = Modulation(hidden_size, double=True) if self.has_modulation else None
         self.txt_norm1 = _layer_norm(hidden_size)
         self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias)
         self.txt_norm2 = _layer_norm(hidden_size)
@@ -280,8 +284,12 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, freqs: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img_attn_mod, img_mlp_mod = self.img_mod(vec)
-        txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
+        return self.modulated_forward(img, txt, (*self.img_mod(vec), *self.txt_mod(vec)), freqs, mask)
+
+    def modulated_forward(self, img: torch.Tensor, txt: torch.Tensor, mods: Sequence[ModulationOut],
+                          freqs: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block given its modulations: image attention, image MLP, text attention, text MLP."""
+        img_attn_mod, img_mlp_mod, txt_attn_mod, txt_mlp_mod = mods
         img_q, img_k, img_v = self.img_attn.heads(img_attn_mod.modulate(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self.txt_attn.heads(txt_attn_mod.modulate(self.txt_norm1(txt)))
         joint = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
@@ -299,6 +307,9 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One weight set over [text; image] tokens; attention and MLP run in parallel (fused linears)."""
 
+    #: see :attr:`DoubleStreamBlock.has_modulation`
+    has_modulation = True
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -309,11 +320,16 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.pre_norm = _layer_norm(hidden_size)
         self.mlp_act = nn.GELU(approximate="tanh")
-        self.modulation = Modulation(hidden_size, double=False)
+        self.modulation = Modulation(hidden_size, double=False) if self.has_modulation else None
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, freqs: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         (mod,) = self.modulation(vec)
+        return self.modulated_forward(x, mod, freqs, mask)
+
+    def modulated_forward(self, x: torch.Tensor, mod: ModulationOut, freqs: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """The block given its modulation."""
         qkv, mlp = torch.split(self.linear1(mod.modulate(self.pre_norm(x))),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "b l (k h d) -> k b h l d", k=3, h=self.num_heads)
@@ -379,13 +395,20 @@ class Flux(DiTMemoryMixin, nn.Module):
 
     def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                 timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
-                txt_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                txt_attention_mask: torch.Tensor | None = None, *,
+                block_controlnet_hidden_states: Sequence[torch.Tensor] | None = None,
+                block_controlnet_single_hidden_states: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Velocity prediction ``[B, L, out_channels]`` for packed latents ``img [B, L, in_channels]``.
 
         ``txt [B, T, context_in_dim]`` (T5 states), ``y [B, vec_in_dim]`` (CLIP pooled),
         ``timesteps [B]`` sigma in [0, 1], ``guidance [B]`` (required when the model has
         ``guidance_in``, ignored otherwise), ``txt_attention_mask [B, T]`` (True/1 = real token; padded text tokens
         are then never attended to; image tokens always are).
+
+        ControlNet residuals (:class:`library.families.flux.controlnet.ControlNetFlux`), each ``[B, L, hidden]``:
+        ``block_controlnet_hidden_states[i % n]`` is added to the image stream after double block ``i``,
+        ``block_controlnet_single_hidden_states[j % n]`` to the image tokens after single block ``j``
+        (cycling through the ControlNet's blocks, as the reference does).
         """
         self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask)
         self._begin_forward()
@@ -404,12 +427,18 @@ class Flux(DiTMemoryMixin, nn.Module):
                               torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)), dim=1)
             mask = keys[:, None, None, :]
 
+        double_residuals = block_controlnet_hidden_states or ()
+        single_residuals = block_controlnet_single_hidden_states or ()
         for i, block in enumerate(self.double_blocks):
             img, txt = self._run_block(i, block, img, txt, vec, freqs, mask)
+            if double_residuals:
+                img = img + double_residuals[i % len(double_residuals)]
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for j, block in enumerate(self.single_blocks):
             x = self._run_block(self.config.depth + j, block, x, vec, freqs, mask)
+            if single_residuals:
+                x = torch.cat((x[:, :n_txt], x[:, n_txt:] + single_residuals[j % len(single_residuals)]), dim=1)
         return self.final_layer(x[:, n_txt:], vec)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask) -> None:

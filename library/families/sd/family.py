@@ -12,6 +12,7 @@ from library.args import ArgumentError
 from library.families.base import FamilyModels, ModelFamily, Prediction
 from library.families.ddpm import DDPMObjective
 from library.families.sd import text
+from library.sampling.schedulers import SAMPLER_NAMES
 from library.training.noise import NoiseConfig
 from library.training.weighted_captions import apply_token_weights
 
@@ -22,6 +23,7 @@ LATENT_SCALE = 0.18215
 
 class StableDiffusionFamily(ModelFamily):
     latents_stride = 8
+    sampler_names = SAMPLER_NAMES  # the diffusers schedulers of library/sampling/schedulers.py (SDXL too)
     latent_cache_suffix = "_sd"
     tracker_name = "network_train"
     #: raw VAE latents are multiplied by this before noising (the model's latent space)
@@ -95,7 +97,29 @@ class StableDiffusionFamily(ModelFamily):
     def run_denoiser(self, models: FamilyModels, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning,
                      batch: dict) -> torch.Tensor:
         """One U-Net call on noisy model-space latents (the part of :meth:`predict` SDXL changes)."""
-        return models.denoiser(noisy, timesteps, conditioning).sample
+        return self.call_unet(models, noisy, timesteps, conditioning, {}, batch)
+
+    @staticmethod
+    def call_unet(models: FamilyModels, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                  unet_kwargs: dict, batch: dict) -> torch.Tensor:
+        """``unet(noisy, timesteps, context, **unet_kwargs).sample``, the U-Net call of a training or
+        validation step. A ``models.extra["unet_control"]`` (a ControlNet target's
+        :class:`library.controlnet.control.UNetControl`) adds the inputs of the step:
+        ``step_kwargs(noisy, timesteps, context, unet_kwargs, batch)``, e.g. ControlNet residuals."""
+        control = models.extra.get("unet_control")
+        if control is not None:
+            unet_kwargs = {**unet_kwargs, **control.step_kwargs(noisy, timesteps, context, unet_kwargs, batch)}
+        return models.denoiser(noisy, timesteps, context, **unet_kwargs).sample
+
+    @staticmethod
+    def preview_control(models: FamilyModels, sampler, prompt, device, dtype):
+        """The prompt a preview sampler gets, after ``models.extra["unet_control"]`` (if any) replaced the
+        sampler's U-Net by a controlled one for this prompt (``--cn`` / ``controlnet_image``)."""
+        control = models.extra.get("unet_control")
+        if control is None:
+            return prompt
+        sampler.unet, prompt = control.preview(sampler.unet, prompt, device, dtype)
+        return prompt
 
     # --- full checkpoints ----------------------------------------------------------------------
     def checkpoint_state_dict(self, models) -> dict[str, torch.Tensor]:
@@ -154,6 +178,7 @@ class StableDiffusionFamily(ModelFamily):
                 clip_skip=args.clip_skip))
 
         sampler = LatentDiffusionSampler(models.denoiser, models.vae, encode_prompts, latent_scale=LATENT_SCALE)
+        prompt = self.preview_control(models, sampler, prompt, device, dtype)
         return sampler.generate(prompt, sampler_name=prompt.sampler or args.sample_sampler,
                                 v_parameterization=args.v_parameterization, generator=generator,
                                 device=device, dtype=models.denoiser.dtype)

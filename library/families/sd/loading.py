@@ -48,6 +48,7 @@ from library.families.sd.checkpoint import (
     vae_ldm_to_diffusers,
 )
 from library.families.sd.tokenizer import load_clip_tokenizer
+from library.families.script_hints import fix_for
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); an interrupted download or copy leaves such "
+                              f"files, fetch it again")
     if path.suffix == ".safetensors":
         try:
             if not mmap:
@@ -158,17 +162,31 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, 
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower():
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
-        logger.warning("%s holds pickled Python objects besides tensors; loading it fully, which runs code from "
+            raise _unreadable_checkpoint(path, e) from e
+        # torch words every pickle its restricted reader refuses alike, damaged or holding Python
+        # objects; the full reader tells them apart (and its error is the one worth showing).
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as full_error:  # noqa: BLE001 - whatever a damaged pickle raises, the answer is the same
+            raise _unreadable_checkpoint(path, full_error) from full_error
+        logger.warning("%s holds pickled Python objects besides tensors; it was loaded fully, which runs code from "
                        "the file. Convert it to .safetensors to avoid this.", path)
-        loaded = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # noqa: BLE001 - a damaged file makes the unpickler raise anything (even IndexError)
+        raise _unreadable_checkpoint(path, e) from e
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _unreadable_checkpoint(path: Path, error: BaseException) -> CheckpointError:
+    if isinstance(error, (IndexError, KeyError, TypeError, AttributeError)):  # the unpickler tripped over garbage
+        reason = "its pickle data is damaged"
+    else:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason}); an interrupted download or copy "
+                           f"leaves such files, fetch it again (or use its .safetensors version)")
 
 
 def _has_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> bool:
@@ -182,8 +200,7 @@ def check_sd_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.Path
     keys = list(state_dict)
     refuse_non_base_models(state_dict, path)
     if _has_prefix(state_dict, "conditioner.embedders."):
-        raise CheckpointError(f"{path} is an SDXL checkpoint (conditioner.embedders.* keys): use "
-                              f"sdxl_train_network.py")
+        raise CheckpointError(f"{path} is an SDXL checkpoint (conditioner.embedders.* keys): {fix_for('sdxl')}")
     if not _has_prefix(state_dict, UNET_PREFIX):
         if _has_prefix(state_dict, VAE_PREFIX) or "encoder.down.0.block.0.conv1.weight" in state_dict \
                 or "encoder.down_blocks.0.resnets.0.conv1.weight" in state_dict:
@@ -276,7 +293,7 @@ def _load_single_file(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dt
 
     unet_shape = infer_unet_shape(state_dict)
     if unet_shape.is_sdxl:
-        raise CheckpointError(f"{path} holds an SDXL U-Net (label_emb.* keys): use sdxl_train_network.py")
+        raise CheckpointError(f"{path} holds an SDXL U-Net (label_emb.* keys): {fix_for('sdxl')}")
     te_shape = infer_text_encoder_shape(state_dict)
     if unet_shape.cross_attention_dim != te_shape.hidden_size:
         raise CheckpointError(f"{path}: U-Net cross-attention width {unet_shape.cross_attention_dim} does not match "
@@ -335,7 +352,7 @@ def unet_with_projections(unet: UNet2DConditionModel, *, linear: bool, path: str
 def _load_diffusers_folder(path: Path, *, v2: bool, vae_path, tokenizer_cache_dir, dtype, device,
                            variant: str | None = None) -> SDModels:
     if (path / "text_encoder_2").is_dir():
-        raise CheckpointError(f"{path} is an SDXL Diffusers folder (text_encoder_2/): use sdxl_train_network.py")
+        raise CheckpointError(f"{path} is an SDXL Diffusers folder (text_encoder_2/): {fix_for('sdxl')}")
     missing = [sub for sub in ("unet", "text_encoder") + (("vae",) if vae_path is None else ())
                if not (path / sub / "config.json").is_file()]
     if missing:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from library.families.script_hints import fix_for
 from library.families.sd.checkpoint import (
     UNET_PREFIX,
     VAE_PREFIX,
@@ -109,12 +110,12 @@ def check_sdxl_state_dict(state_dict: StateDict, path: Any, *, need_vae: bool = 
     keys = list(state_dict)
     refuse_non_base_models(state_dict, path)
     if any(k.startswith("cond_stage_model.") for k in keys):
-        raise CheckpointError(f"{path} is an SD1/SD2 checkpoint (cond_stage_model.* keys): use train_network.py")
+        raise CheckpointError(f"{path} is an SD1/SD2 checkpoint (cond_stage_model.* keys): {fix_for('sd')}")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointError(f"{path} is not an SDXL checkpoint: no '{UNET_PREFIX}*' keys")
     if f"{UNET_PREFIX}label_emb.0.0.weight" not in state_dict:
         raise CheckpointError(f"{path}: the U-Net has no label_emb (size/pooled-text embedding): not an SDXL model; "
-                              f"SD1/SD2 models train with train_network.py")
+                              f"for an SD1/SD2 model {fix_for('sd')}")
     if not any(k.startswith(TE1_PREFIX) for k in keys):
         if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
             raise CheckpointError(f"{path} is an SDXL refiner (a single OpenCLIP text encoder); only SDXL base models "

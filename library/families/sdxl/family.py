@@ -77,7 +77,8 @@ class SDXLFamily(StableDiffusionFamily):
         dtype = noisy.dtype
         ids = text.size_ids(batch["original_sizes_hw"], batch["crop_top_lefts"], batch["target_sizes_hw"])
         added = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": ids.to(noisy.device, dtype)}
-        return models.denoiser(noisy, timesteps, conditioning.context.to(dtype), added_cond_kwargs=added).sample
+        return self.call_unet(models, noisy, timesteps, conditioning.context.to(dtype), {"added_cond_kwargs": added},
+                              batch)
 
     # --- text-encoder output cache -------------------------------------------------------------
     def text_encoder_outputs_to_cache(self, conditioning: TextConditioning) -> dict[str, torch.Tensor]:
@@ -158,6 +159,7 @@ class SDXLFamily(StableDiffusionFamily):
         from library.families.sdxl.generation import SDXLSampler
 
         sampler = SDXLSampler.for_models(models, max_token_length=args.max_token_length)
+        prompt = self.preview_control(models, sampler, prompt, device, dtype)
         return sampler.generate(prompt, sampler_name=prompt.sampler or args.sample_sampler,
                                 v_parameterization=args.v_parameterization, generator=generator,
                                 device=device, dtype=models.denoiser.dtype)

@@ -31,6 +31,7 @@ from library.families.sd.checkpoint import (
 from library.families.sd.loading import (load_vae, materialize, read_checkpoint, single_file_vae, unused_tensors,
                                          use_sdpa)
 from library.families.sd.tokenizer import SDXL_TOKENIZER2_ID, load_clip_tokenizer
+from library.families.script_hints import fix_for
 from library.families.sdxl.checkpoint import (
     TE1_PREFIX,
     TE2_PREFIX,
@@ -187,7 +188,7 @@ def _load_diffusers_folder(path: Path, *, vae_path, dtype, device, variant: str 
     needed = ("unet", "text_encoder", "text_encoder_2") + (("vae",) if vae_path is None else ())
     missing = [sub for sub in needed if not (path / sub / "config.json").is_file()]
     if missing:
-        hint = (" (it looks like an SD1/SD2 folder: use train_network.py)"
+        hint = (f" (it looks like an SD1/SD2 folder: {fix_for('sd')})"
                 if missing == ["text_encoder_2"] else "")
         raise CheckpointError(f"{path} is a folder but not a Diffusers SDXL model: missing "
                               f"{', '.join(m + '/config.json' for m in missing)}{hint}")

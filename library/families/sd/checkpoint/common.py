@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from library.families.script_hints import fix_for
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -48,9 +50,9 @@ def refuse_non_base_models(state_dict: StateDict, path: object) -> None:
         raise CheckpointError(f"{path} is a LoRA/network file, not a base model: give it with --network_weights "
                               f"and the base model with --pretrained_model_name_or_path")
     if any(".double_blocks." in k or k.startswith("double_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is a FLUX.1 checkpoint (double_blocks.* keys): use flux_train_network.py")
+        raise CheckpointError(f"{path} is a FLUX.1 checkpoint (double_blocks.* keys): {fix_for('flux')}")
     if any(".joint_blocks." in k or k.startswith("joint_blocks.") for k in keys):
-        raise CheckpointError(f"{path} is an SD3 checkpoint (joint_blocks.* keys): use sd3_train_network.py")
+        raise CheckpointError(f"{path} is an SD3 checkpoint (joint_blocks.* keys): {fix_for('sd3')}")
 
 
 # --------------------------------------------------------------------------------------------
