@@ -1,9 +1,9 @@
 """Trainer: the training loop of every trainer script (networks, fine-tuning, DreamBooth), written once.
 
-Read top to bottom, :meth:`Trainer.train` is the recipe: check flags, set up accelerate, load the
-family's models, build the data, cache latents (and text-encoder outputs), create what is trained,
-build the optimizer, then loop over epochs and steps, saving and sampling on schedule. Everything
-that depends on the model family goes through ``self.family``
+Read top to bottom, :meth:`Trainer.train` is the recipe: check flags, set up accelerate, read the
+data (a bad dataset fails before any model loads), load the family's models, cache latents (and
+text-encoder outputs), create what is trained, build the optimizer, then loop over epochs and
+steps, saving and sampling on schedule. Everything that depends on the model family goes through ``self.family``
 (:class:`library.families.base.ModelFamily`); everything that depends on what is trained (a
 ``--network_module`` network through the kohya plug-in API, or the model itself) goes through
 ``self.target`` (:class:`library.training.targets.TrainingTarget`). ``NetworkTrainer(family)`` is the
