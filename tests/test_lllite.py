@@ -399,3 +399,41 @@ def test_trained_lllite_draws_the_side_its_control_image_shows(trained):
         # the same 8 seeds: without control they split between the sides; with it they show the guide's side
         print(f"side {side}: margin without control {before:.3f}, with control {after:.3f}")
         assert after > 0.3 and after > before + 0.2, (side, before, after)
+
+
+@pytest.mark.slow
+def test_resume_continues_to_identical_weights(tmp_path, tiny_sdxl_ckpt):
+    for folder in ("img", "cond"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        halves("lr"[i % 2], 12 + 2 * i).save(tmp_path / "img" / f"{i}.png")
+        halves("lr"[i % 2], 12 + 2 * i).save(tmp_path / "cond" / f"{i}.png")
+        (tmp_path / "img" / f"{i}.txt").write_text(CAPTION, encoding="utf-8")
+    common = dict(network_module=None, network_alpha=None, network_dim=4, cond_emb_dim=4, output_name="lllite",
+                  train_data_dir=tmp_path / "img", conditioning_data_dir=tmp_path / "cond", caption_extension=".txt",
+                  resolution=SIZE, train_batch_size=2, max_train_steps=4, save_every_n_steps=2, save_state=True,
+                  network_dropout=0.1, learning_rate=1e-2)
+    run_script(SCRIPT, base_train_args(tiny_sdxl_ckpt, tmp_path / "full", **common))
+    state = tmp_path / "full" / "lllite-step00000002-state"
+    run_script(SCRIPT, base_train_args(tiny_sdxl_ckpt, tmp_path / "resumed", resume=state, **common))
+    a = load_file(str(tmp_path / "full" / "lllite.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "lllite.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mid = load_file(str(tmp_path / "full" / "lllite-step00000002.safetensors"))
+    assert any(not torch.equal(mid[k], a[k]) for k in a)  # the weights moved after the resume point
+
+
+def test_flag_errors_are_one_line(tmp_path, tiny_sdxl_ckpt):
+    import sdxl_train_control_net_lllite as script
+
+    (tmp_path / "img").mkdir()
+    halves("l", 16).save(tmp_path / "img" / "0.png")
+    common = dict(network_module=None, network_alpha=None, train_data_dir=tmp_path / "img", max_train_steps=1)
+    # caught before any model loads (in process: the same exit a user sees)
+    with pytest.raises(SystemExit, match="--conditioning_data_dir is required"):
+        script.main(base_train_args(tiny_sdxl_ckpt, tmp_path / "o", **common))
+    with pytest.raises(SystemExit, match="--cond_emb_dim must be even"):
+        script.main(base_train_args(tiny_sdxl_ckpt, tmp_path / "o", cond_emb_dim=5,
+                                    conditioning_data_dir=tmp_path / "img", **common))
+    bad = run_script(SCRIPT, ["--network_module", "networks.lora"], expect_ok=False)
+    assert bad.returncode == 2 and "--network_module" in bad.stderr  # not a flag of this script
