@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.args import add_minimal_inference_arguments
+
 DTYPES = ["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
 
 
@@ -49,11 +51,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None, help="device (default cuda when available, else cpu)")
     p.add_argument("--offload", action="store_true",
                    help="keep each model on the CPU except while it runs (less VRAM, slower)")
-    p.add_argument("--lora_weights", type=str, nargs="*", default=[],
-                   help="LoRA files as 'path' or 'path;multiplier'")
-    p.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
-    p.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
-    p.add_argument("--console_log_simple", action="store_true", help="plain log lines")
+    add_minimal_inference_arguments(p)
     return p
 
 

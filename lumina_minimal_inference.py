@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.args import add_minimal_inference_arguments
+
 DTYPES = ["float", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
 
 
@@ -50,11 +52,7 @@ def setup_parser() -> argparse.ArgumentParser:
                    help="limit the guided output's norm to this times the conditional one's (0 = off)")
     p.add_argument("--use_flash_attn", action="store_true", help="accepted for compatibility: attention runs on SDPA")
     p.add_argument("--use_sage_attn", action="store_true", help="accepted for compatibility: attention runs on SDPA")
-    p.add_argument("--lora_weights", type=str, nargs="*", default=[],
-                   help="LoRA files as 'path' or 'path;multiplier'")
-    p.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
-    p.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
-    p.add_argument("--console_log_simple", action="store_true", help="plain log lines")
+    add_minimal_inference_arguments(p)
     return p
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from library.args import add_minimal_inference_arguments
+
 
 def setup_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images with SD3 / SD3.5 and LoRAs")
@@ -38,10 +40,7 @@ def setup_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="run the models in bfloat16")
     p.add_argument("--device", type=str, default=None, help="device (default cuda when available, else cpu)")
     p.add_argument("--offload", action="store_true", help="keep each model on the CPU except while it runs")
-    p.add_argument("--lora_weights", type=str, nargs="*", default=[], help="LoRA files as 'path' or 'path;multiplier'")
-    p.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
-    p.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
-    p.add_argument("--console_log_simple", action="store_true", help="plain log lines")
+    add_minimal_inference_arguments(p)
     return p
 
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from library.args import (add_custom_train_arguments, add_dataset_arguments, add_logging_arguments,
-                          add_model_spec_arguments, add_noise_and_loss_arguments, add_optimizer_arguments,
-                          add_sd_models_arguments, add_sdxl_training_arguments, add_training_arguments,
-                          add_validation_arguments)
+from library.args import add_sdxl_training_arguments, training_parser
 from library.training.entry import main as train_main
 
 
@@ -42,16 +39,7 @@ def add_lllite_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a ControlNet-LLLite network for Stable Diffusion XL")
-    add_logging_arguments(parser)
-    add_sd_models_arguments(parser)
-    add_model_spec_arguments(parser)
-    add_dataset_arguments(parser, support_dreambooth=False, support_caption=True)
-    add_training_arguments(parser, support_dreambooth=False)
-    add_optimizer_arguments(parser)
-    add_validation_arguments(parser)
-    add_noise_and_loss_arguments(parser)
-    add_custom_train_arguments(parser)
+    parser = training_parser("Train a ControlNet-LLLite network for Stable Diffusion XL")
     add_sdxl_training_arguments(parser)
     add_lllite_arguments(parser)
     return parser

@@ -247,3 +247,17 @@ def base_record(bench: str, args) -> dict[str, Any]:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
+
+
+def image_rate_record(bench: str, args, run, stats: RateStats, raw: dict[str, Any] | None,
+                      **fields: Any) -> dict[str, Any]:
+    """The record of an images/s benchmark (caching, generation): the child's rate against the raw
+    loop's, first image after launch, peak RSS; ``fields`` are the benchmark's own columns."""
+    record = {**base_record(bench, args), "images": stats.items, **fields, "image_s": stats.seconds_per_item,
+              "images_per_s": stats.items_per_s, "first_image_s": stats.first_item_after_launch_s,
+              "wall_s": run.wall_s, "peak_rss_mib": mib(run.peak_rss_bytes),
+              "raw_image_s": raw and raw["seconds_per_item"],
+              "raw_images_per_s": raw and 1 / raw["seconds_per_item"], "extra_args": " ".join(args.extra)}
+    record["overhead"] = ratio(record["image_s"], record["raw_image_s"])
+    record["threads"] = record["threads"] or (raw and raw["threads"])
+    return record

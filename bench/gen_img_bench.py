@@ -19,8 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # python bench/gen_img_bench.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (REPO, add_common_arguments, base_record, dry_run_model, mib, raw_reference, rate_stats,  # noqa: E402
-                          ratio, report, run_child, split_extra)
+from bench.common import (REPO, add_common_arguments, dry_run_model, image_rate_record, raw_reference,  # noqa: E402
+                          rate_stats, report, run_child, split_extra)
 from bench.models import prepare_model  # noqa: E402
 from bench.raw_step import CAPTION  # noqa: E402
 
@@ -61,13 +61,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     run = run_child(gen_argv(model, out, args), threads=args.threads, timeout_s=args.timeout, timed=True).check()
     stats = rate_stats(run.bar("images"), warmup=args.warmup, launched=run.launched)
     raw = raw_reference("sample", model, args, items=args.steps, extra=["--sample_steps", str(args.sample_steps)])
-    record = {**base_record("gen_img", args), "images": stats.items, "sample_steps": args.sample_steps,
-              "image_s": stats.seconds_per_item, "images_per_s": stats.items_per_s,
-              "first_image_s": stats.first_item_after_launch_s, "wall_s": run.wall_s,
-              "peak_rss_mib": mib(run.peak_rss_bytes), "raw_image_s": raw and raw["seconds_per_item"],
-              "raw_images_per_s": raw and 1 / raw["seconds_per_item"], "extra_args": " ".join(args.extra)}
-    record["overhead"] = ratio(record["image_s"], record["raw_image_s"])
-    record["threads"] = record["threads"] or (raw and raw["threads"])
+    record = image_rate_record("gen_img", args, run, stats, raw, sample_steps=args.sample_steps)
     report(record, COLUMNS, args.results)
     return record
 

@@ -16,10 +16,20 @@ logger = logging.getLogger(__name__)
 
 
 class ArgumentError(SystemExit):
-    """A bad flag or flag combination; exits with status 2 and a one-line message."""
+    """A bad flag or flag combination: exits with status 1 and a one-line ``error: ...`` message on stderr
+    (argparse's own parse errors exit with 2)."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+def add_minimal_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every ``*_minimal_inference.py`` ends with: LoRAs, merging, interactive prompts, plain logs."""
+    parser.add_argument("--lora_weights", type=str, nargs="*", default=[],
+                        help="LoRA files as 'path' or 'path;multiplier'")
+    parser.add_argument("--merge_lora_weights", action="store_true", help="merge the LoRAs into the weights")
+    parser.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
+    parser.add_argument("--console_log_simple", action="store_true", help="plain log lines")
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
@@ -478,17 +488,24 @@ def add_fine_tune_arguments(parser: argparse.ArgumentParser, *, sdxl: bool = Fal
                        help="learning rate of the text encoder (default --learning_rate)")
 
 
-def _fine_tune_base(description: str, *, dreambooth: bool, fine_tuning: bool) -> argparse.ArgumentParser:
+def training_parser(description: str, *, dreambooth: bool = False, captions: bool = True) -> argparse.ArgumentParser:
+    """A parser with the groups every trainer shares: logging, model, model spec, dataset, training,
+    optimizer, validation, noise/loss and custom-training flags. Each script adds its own groups."""
     parser = argparse.ArgumentParser(description=description)
     add_logging_arguments(parser)
     add_sd_models_arguments(parser)
     add_model_spec_arguments(parser)
-    add_dataset_arguments(parser, support_dreambooth=dreambooth, support_caption=fine_tuning)
+    add_dataset_arguments(parser, support_dreambooth=dreambooth, support_caption=captions)
     add_training_arguments(parser, support_dreambooth=dreambooth)
     add_optimizer_arguments(parser)
     add_validation_arguments(parser)
     add_noise_and_loss_arguments(parser)
     add_custom_train_arguments(parser)
+    return parser
+
+
+def _fine_tune_base(description: str, *, dreambooth: bool, fine_tuning: bool) -> argparse.ArgumentParser:
+    parser = training_parser(description, dreambooth=dreambooth, captions=fine_tuning)
     add_masked_loss_arguments(parser)
     return parser
 

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -134,12 +135,57 @@ def addnet_hashes(state_dict: dict[str, "torch.Tensor"], metadata: dict[str, str
     return model_hash, legacy_hash
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def _sha256_of(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
+            h.update(block)  # releases the GIL for large blocks: a background hash runs beside the main thread
     return h.hexdigest()
+
+
+class _BackgroundHash(threading.Thread):
+    def __init__(self, path: str) -> None:
+        # daemon: a run that fails before it needs the hash exits at once instead of waiting for it
+        super().__init__(name=f"sha256 {os.path.basename(path)}", daemon=True)
+        self.path, self.result, self.error = path, None, None
+        self.stamp = _file_stamp(path)
+
+    def run(self) -> None:
+        try:
+            self.result = _sha256_of(self.path)
+        except OSError as e:
+            self.error = e
+
+
+_background: dict[str, _BackgroundHash] = {}
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def prefetch_sha256(path: str | os.PathLike) -> None:
+    """Start hashing ``path`` in a background thread; :func:`sha256_file` of the same file then
+    waits for that result instead of reading it again. The full SHA-256 of a multi-GB checkpoint
+    (``ss_new_sd_model_hash``) takes seconds: started before the models load, it overlaps loading
+    and latent caching instead of delaying the first training step."""
+    key = os.path.realpath(path)
+    if key not in _background and os.path.isfile(key):
+        _background[key] = job = _BackgroundHash(key)
+        job.start()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the whole file (a :func:`prefetch_sha256` result when one is running or done,
+    unless the file changed since)."""
+    key = os.path.realpath(path)
+    job = _background.pop(key, None)
+    if job is not None:
+        job.join()
+        if job.error is None and job.stamp == _file_stamp(key):
+            return job.result
+    return _sha256_of(key)
 
 
 def legacy_model_hash(path: str | os.PathLike) -> str:

@@ -9,8 +9,9 @@ import torch
 
 from library.demo.tiny_sd import write_tiny_sd_checkpoint, write_tiny_sd_diffusers
 
-# The suite runs on 2 CPU cores next to other work: keep torch from oversubscribing them.
-torch.set_num_threads(2)
+# pytest-xdist runs two workers on the 2 CPU cores: one thread each (and in every subprocess they
+# start) keeps OpenMP from oversubscribing the cores, which made subprocess runs ~9x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -291,6 +291,16 @@ def test_gen_img_prompt_lines_parse_or_prompt_file_error(line):
     check_sample_prompt(prompt, PromptDefaults(size_multiple=8, min_size=8))
     seeds = prompt.extras.get("seeds", ())
     assert all(isinstance(seed, int) for seed in seeds)
+    numbers = [prompt.extras.get("negative_scale", 1.0), *prompt.extras.get("multipliers", ())]
+    assert all(number == "none" or math.isfinite(number) for number in numbers)
+
+
+@pytest.mark.parametrize("line", ["a cat --nl inf", "a cat --nl nan", "a cat --am 1,nan", "a cat --am -inf"])
+def test_found_gen_img_non_finite_options(line):
+    # were accepted: a NaN negative scale or network multiplier makes every generated pixel NaN
+    args = argparse.Namespace(W=512, H=512, steps=30, scale=7.5)
+    with pytest.raises(PromptFileError, match="gen:1: .*finite"):
+        parse_gen_line(line, args, source="gen:1")
 
 
 _JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 22, 10 ** 22),

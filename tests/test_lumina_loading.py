@@ -50,7 +50,8 @@ def test_dit_files_in_every_precision_and_with_the_checkpoint_prefix_load(tmp_pa
     ({"double_blocks.0.img_attn.qkv.weight": (9, 3)}, "looks like a FLUX.1 DiT: use flux_train_network.py"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (9, 3)}, "looks like an SD3 model"),
     ({"time_caption_embed.caption_embedder.1.weight": (4, 4)}, "Diffusers Lumina2Transformer2DModel"),
-    ({"lora_unet_layers_0_attention_qkv.lora_down.weight": (4, 4)}, "a LoRA/network file"),
+    ({"lora_unet_layers_0_attention_qkv.lora_down.weight": (4, 4)}, "looks like a LoRA: pass it with --network_weights"),
+    ({"distilled_guidance_layer.in_proj.bias": (4,)}, "looks like a Chroma DiT: use flux_train_network.py --model_type chroma"),
     ({"model.diffusion_model.input_blocks.0.0.weight": (4, 4)}, "SD/SDXL checkpoint"),
 ])
 def test_other_files_are_refused_with_what_they_are(tmp_path, keys, message):

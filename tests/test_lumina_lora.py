@@ -196,7 +196,8 @@ def test_applied_network_changes_outputs_and_merge_to_equals_it(network_args):
     fresh.merge_to(merged_gemma, merged_dit)
     with torch.no_grad():
         torch.testing.assert_close(merged_dit(**x), applied, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(merged_gemma(input_ids=ids).last_hidden_state, applied_te, atol=1e-5, rtol=1e-5)
+        # merged weights sum in another order: 1.2e-5 apart at one of 384 outputs with one thread
+        torch.testing.assert_close(merged_gemma(input_ids=ids).last_hidden_state, applied_te, atol=5e-5, rtol=1e-5)
 
 
 def test_saved_file_reloads_and_check_lora_weights_reads_it(tmp_path, capsys):

@@ -184,3 +184,23 @@ def test_an_unwritable_output_folder_is_refused_before_training(tmp_path):
     for bad in (blocker, blocker / "sub"):
         with pytest.raises(ArgumentError, match=r"--output_dir .*(is a file)"):
             check_writable_folder(str(bad), "--output_dir")
+
+
+def test_background_model_hash_matches_and_notices_a_changed_file(tmp_path):
+    import hashlib
+
+    from library import io_utils
+    from library.training import metadata
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(bytes(range(256)) * 40_000)  # 10 MB
+    args = argparse.Namespace(pretrained_model_name_or_path=str(model), vae=None)
+    metadata.prefetch_model_hashes(args)
+    assert str(model.resolve()) in io_utils._background  # started before the models load
+    md = metadata.model_file_metadata(str(model), "sd")
+    assert md["ss_new_sd_model_hash"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert str(model.resolve()) not in io_utils._background  # the result is used once
+    io_utils.prefetch_sha256(model)
+    io_utils._background[str(model.resolve())].join()
+    model.write_bytes(b"changed after the hash started")
+    assert io_utils.sha256_file(model) == hashlib.sha256(b"changed after the hash started").hexdigest()

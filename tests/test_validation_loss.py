@@ -192,6 +192,14 @@ def test_tracker_init_kwargs_from_toml_and_run_name(tmp_path):
     broken.write_text('[wandb\n')
     with pytest.raises(ArgumentError, match="not valid TOML"):
         trackers.tracker_init_kwargs(setup_network_parser().parse_args(["--log_tracker_config", str(broken)]))
+    crashing = tmp_path / "crashing.toml"  # crashed the toml package with IndexError
+    crashing.write_text('a = [ "x", false,]\n')
+    with pytest.raises(ArgumentError, match="not valid TOML"):
+        trackers.tracker_init_kwargs(setup_network_parser().parse_args(["--log_tracker_config", str(crashing)]))
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[wandb]\nentity = "caf\xe9"\n')
+    with pytest.raises(ArgumentError, match="not UTF-8"):
+        trackers.tracker_init_kwargs(setup_network_parser().parse_args(["--log_tracker_config", str(latin1)]))
 
 
 def test_trackers_in_use_and_wandb_login_without_wandb():

@@ -9,11 +9,12 @@ without the network and masked-loss groups, plus the ControlNet flags: ``--contr
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
-from library.args import (add_custom_train_arguments, add_dataset_arguments, add_logging_arguments,
-                          add_model_spec_arguments, add_noise_and_loss_arguments, add_optimizer_arguments,
-                          add_sd_models_arguments, add_sdxl_training_arguments, add_training_arguments,
-                          add_validation_arguments)
+from library.args import ArgumentError, add_sdxl_training_arguments, training_parser
+
+logger = logging.getLogger(__name__)
 
 SAVE_MODEL_AS = [None, "ckpt", "pt", "safetensors", "diffusers", "diffusers_safetensors"]
 
@@ -30,17 +31,21 @@ def add_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_half_vae", action="store_true", help="keep the VAE in float32 under mixed precision")
 
 
+def check_conditioning_data_dir(args: argparse.Namespace) -> None:
+    """A ``--train_data_dir`` run needs ``--conditioning_data_dir`` (a ``--dataset_config`` sets it per subset)."""
+    if not (args.dataset_config or getattr(args, "dataset_class", None)):
+        if not args.conditioning_data_dir:
+            raise ArgumentError("--conditioning_data_dir is required with --train_data_dir: the folder with one "
+                                "conditioning image per training image (same file stem); or use --dataset_config")
+        if not os.path.isdir(args.conditioning_data_dir):
+            raise ArgumentError(f"--conditioning_data_dir {args.conditioning_data_dir}: no such folder")
+    elif args.conditioning_data_dir and args.dataset_config:
+        logger.warning("--conditioning_data_dir is ignored with --dataset_config: each subset sets its own "
+                       "conditioning_data_dir")
+
+
 def _base(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    add_logging_arguments(parser)
-    add_sd_models_arguments(parser)
-    add_model_spec_arguments(parser)
-    add_dataset_arguments(parser, support_dreambooth=False, support_caption=True)
-    add_training_arguments(parser, support_dreambooth=False)
-    add_optimizer_arguments(parser)
-    add_validation_arguments(parser)
-    add_noise_and_loss_arguments(parser)
-    add_custom_train_arguments(parser)
+    parser = training_parser(description)
     add_controlnet_arguments(parser)
     return parser
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from library.args import ArgumentError
+from library.controlnet.args import check_conditioning_data_dir
 from library.families.base import FamilyModels, ModelFamily
 from library.training.targets import TrainingTarget
 
@@ -81,15 +82,7 @@ class ControlNetTarget(TrainingTarget):
         if source and not os.path.exists(source):
             raise ArgumentError(f"--controlnet_model_name_or_path {source}: no such file or folder (a Diffusers "
                                 "ControlNet folder or a .safetensors/.ckpt ControlNet file)")
-        if not (args.dataset_config or getattr(args, "dataset_class", None)):
-            if not args.conditioning_data_dir:
-                raise ArgumentError("--conditioning_data_dir is required with --train_data_dir: the folder with one "
-                                    "conditioning image per training image (same file stem); or use --dataset_config")
-            if not os.path.isdir(args.conditioning_data_dir):
-                raise ArgumentError(f"--conditioning_data_dir {args.conditioning_data_dir}: no such folder")
-        elif args.conditioning_data_dir and args.dataset_config:
-            logger.warning("--conditioning_data_dir is ignored with --dataset_config: each subset sets its own "
-                           "conditioning_data_dir")
+        check_conditioning_data_dir(args)
         check_sample_control_images(args)
         # Read by the shared checks: the text encoders are frozen, so their outputs may be cached.
         args.network_train_unet_only = True

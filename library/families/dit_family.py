@@ -1,6 +1,7 @@
-"""What the rectified-flow DiT families (FLUX.1, SD3) share as model families of the training loop.
+"""What the rectified-flow DiT families (FLUX.1, SD3, Lumina-Image 2.0) share as model families of the training loop.
 
-:class:`DiTFamily` holds the parts that are the same to the letter: the refusal of DDPM-only flags,
+:class:`DiTFamily` holds the parts that are the same to the letter: the flag checks (another family's
+network module, DDPM-only flags, weighted captions, ignored SD text flags, the token length),
 the checks of the memory options (``--blocks_to_swap``, ``--cpu_offload_checkpointing``,
 ``--fp8_base_unet``) and of ``train_t5xxl`` against text-encoder output caching, placing a denoiser
 with swapped blocks, keeping T5's ``wo`` out of fp8, gradient checkpointing with CPU offload, and the
@@ -11,6 +12,7 @@ is, the modelspec architecture); the loop never asks which family it runs.
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 
@@ -18,10 +20,16 @@ from library.args import ArgumentError
 from library.families.base import FamilyModels, ModelFamily
 from library.families.sd.family import parse_resolution
 
+logger = logging.getLogger(__name__)
+
 #: DDPM-only flags: flow matching has no alphas_cumprod table to weight or perturb with
 DDPM_ONLY_FLAGS = ("min_snr_gamma", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
                    "debiased_estimation_loss", "noise_offset", "multires_noise_iterations", "zero_terminal_snr",
                    "v_parameterization", "v2")
+
+#: every family's LoRA module: giving one to another family's trainer is refused with the right name
+NETWORK_MODULES = ("networks.lora", "networks.dylora", "networks.oft", "networks.lora_flux", "networks.lora_sd3",
+                   "networks.lora_lumina")
 
 
 def network_arg_true(args: argparse.Namespace, key: str) -> bool:
@@ -74,6 +82,39 @@ class DiTFamily(ModelFamily):
         raise NotImplementedError
 
     # --- set-up --------------------------------------------------------------------------------
+    #: the text encoder whose token length ``token_length_flag`` sets, and that flag
+    token_length_encoder: str = "T5"
+    token_length_flag: str = "t5xxl_max_token_length"
+    #: what the family conditions on instead of a ``--clip_skip`` layer (said when the flag is ignored)
+    clip_skip_note: str = ""
+    #: False where the noise levels come only from ``--timestep_sampling`` (``--min/max_timestep`` warn)
+    honours_timestep_range: bool = False
+
+    def _check_shared_flags(self, args: argparse.Namespace) -> None:
+        """The flag checks every DiT family makes alike: another family's ``--network_module``, the
+        DDPM-only flags, ``--weighted_captions``, the SD text flags it ignores, its token length."""
+        module = getattr(args, "network_module", None)  # absent from the ControlNet scripts
+        if module in NETWORK_MODULES and module != self.default_network_module:
+            raise ArgumentError(f"--network_module {module} is for another model family; {self.family_label} LoRAs "
+                                f"use --network_module {self.default_network_module}")
+        self._refuse_ddpm_flags(args)
+        if getattr(args, "weighted_captions", False):
+            raise ArgumentError(f"--weighted_captions is not supported for {self.family_label} "
+                                f"({self.token_length_encoder} has no prompt weights here): remove it")
+        if not self.honours_timestep_range:
+            for name in ("min_timestep", "max_timestep"):
+                if getattr(args, name, None) is not None:
+                    logger.warning("--%s is ignored for %s (as in the reference); shape the noise levels with "
+                                   "--timestep_sampling", name, self.family_label)
+        if getattr(args, "clip_skip", None) is not None:
+            logger.warning("--clip_skip is ignored for %s: %s", self.family_label, self.clip_skip_note)
+        if getattr(args, "max_token_length", None) is not None:
+            logger.warning("--max_token_length is ignored for %s: set the %s length with --%s", self.family_label,
+                           self.token_length_encoder, self.token_length_flag)
+        length = getattr(args, self.token_length_flag, None)
+        if length is not None and length < 1:
+            raise ArgumentError(f"--{self.token_length_flag} {length} must be 1 or more")
+
     def _refuse_ddpm_flags(self, args: argparse.Namespace) -> None:
         for name in DDPM_ONLY_FLAGS:
             if getattr(args, name, None):

@@ -123,3 +123,28 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# -- rotary position embedding (adjacent channel pairs; FLUX.1, Chroma, Lumina) ------------------
+
+def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """Rotary angles for position ids ``[B, L, n_axes]`` -> ``[B, 1, L, head_dim/2, 2]`` (cos, sin), float32.
+
+    Axis ``i`` uses ``axes_dim[i]`` channels of each head: pairs rotated by ``id * theta^(-2k/d)``.
+    """
+    dtype = precise_float_dtype(ids.device)  # float64 keeps large positions exact
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)
+        angles.append(ids[..., axis].to(dtype)[..., None] * omega)
+    angle = torch.cat(angles, dim=-1)
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float().unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x [B, H, L, D]`` by ``freqs`` (``rope_frequencies``)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)

@@ -48,7 +48,7 @@ def load_t5_tokenizer(cache_dir: str | os.PathLike | None, *, hub_id: str = T5_T
     folder = Path(cache_dir) / cache_folder_name(hub_id) if cache_dir is not None else None
     if folder is not None and folder.is_dir():
         return _load_folder(folder)
-    cached = _hub_cache_folder(hub_id)
+    cached = hub_cache_folder(hub_id)
     if cached is not None:
         logger.info("T5 tokenizer %s found in the local Hugging Face cache", hub_id)
         return _load_folder(cached)
@@ -61,13 +61,13 @@ def load_t5_tokenizer(cache_dir: str | os.PathLike | None, *, hub_id: str = T5_T
                             f"{example.parent}")
 
 
-def _hub_cache_folder(hub_id: str) -> Path | None:
-    """The cached snapshot folder of ``hub_id`` holding its tokenizer files, or None; looks only at
-    the local cache. (transformers 5 would otherwise build an empty-vocabulary T5 tokenizer when
-    nothing is found, instead of failing.)"""
+def hub_cache_folder(hub_id: str, file_names: tuple[str, ...] = ("tokenizer.json", "spiece.model")) -> Path | None:
+    """The cached snapshot folder of ``hub_id`` holding one of ``file_names``, or None; looks only
+    at the local cache (nothing is downloaded). Here it keeps transformers 5 from building an
+    empty-vocabulary T5 tokenizer when nothing is found, instead of failing."""
     from huggingface_hub import try_to_load_from_cache
 
-    for name in ("tokenizer.json", "spiece.model"):
+    for name in file_names:
         try:
             found = try_to_load_from_cache(hub_id, name)
         except ValueError:  # not a valid repo id

@@ -58,6 +58,35 @@ _CLIP_LAYER0 = "encoder.layers.0.self_attn.q_proj.weight"
 _AE_ANCHORS = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
 
 
+def other_model_hint(state_dict: StateDict) -> str:
+    """`` It looks like <kind>: <what to do>.`` for a DiT or checkpoint file given to the wrong
+    trainer or flag (the loaders' :class:`CheckpointError` ends with it); the loader of each family
+    calls it only after its own keys were not found, so its own family never matches."""
+    keys = list(state_dict)
+
+    def has(*prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in keys)
+
+    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k
+           for k in keys):
+        return " It looks like a LoRA: pass it with --network_weights."
+    if any(k.endswith("distilled_guidance_layer.in_proj.bias") for k in keys):
+        return " It looks like a Chroma DiT: use flux_train_network.py --model_type chroma."
+    if has("double_blocks.", "model.diffusion_model.double_blocks."):
+        return " It looks like a FLUX.1 DiT: use flux_train_network.py."
+    if has("joint_blocks.", "model.diffusion_model.joint_blocks."):
+        return " It looks like an SD3 model: use sd3_train_network.py."
+    if has("cap_embedder.", "model.diffusion_model.cap_embedder."):
+        return " It looks like a Lumina-Image 2.0 DiT: use lumina_train_network.py."
+    if has("conditioner.embedders."):
+        return " It looks like an SDXL checkpoint: use sdxl_train_network.py."
+    if has("cond_stage_model."):
+        return " It looks like an SD 1.x/2.x checkpoint: use train_network.py."
+    if has("model.diffusion_model.input_blocks.", "input_blocks."):
+        return " It looks like an SD/SDXL checkpoint: use train_network.py or sdxl_train_network.py."
+    return f" It looks like {describe_state_dict(state_dict)}."
+
+
 def describe_state_dict(state_dict: StateDict) -> str:
     """A few words on what kind of model a state dict holds ("a LoRA/network file", "a FLUX.1 DiT
     (double_blocks.*)", ...), for errors about a file given to the wrong flag."""

@@ -64,6 +64,7 @@ from library.sampling.prompts import (
     PromptFileError,
     PromptOption,
     SamplePrompt,
+    as_finite_float,
     parse_prompt_line,
 )
 from library.sampling.schedulers import make_scheduler
@@ -96,7 +97,7 @@ def _seed_list(value: Any) -> tuple[int, ...]:
 
 
 def _float_list(value: Any) -> tuple[float, ...]:
-    values = tuple(float(p) for p in str(value).split(",") if p.strip())
+    values = tuple(as_finite_float(p) for p in str(value).split(",") if p.strip())
     if not values:
         raise ValueError("expected comma-separated numbers")
     return values
@@ -104,7 +105,7 @@ def _float_list(value: Any) -> tuple[float, ...]:
 
 def _negative_scale(value: Any) -> float | str:
     text = str(value).strip()
-    return "none" if text.lower() == "none" else float(text)
+    return "none" if text.lower() == "none" else as_finite_float(text)
 
 
 def _strength(value: Any) -> float:

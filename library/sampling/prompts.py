@@ -139,7 +139,8 @@ def _as_seed(value: Any) -> int:
     return seed
 
 
-def _as_float(value: Any) -> float:
+def as_finite_float(value: Any) -> float:
+    """A prompt option's number: finite (nan/inf would make every pixel NaN), bools refused."""
     if isinstance(value, bool):
         raise ValueError("expected a number")
     number = None
@@ -199,13 +200,13 @@ SAMPLE_PROMPT_OPTIONS: dict[str, PromptOption] = {
         PromptOption("h", "height", _as_int, "height in pixels"),
         PromptOption("d", "seed", _as_seed, "seed"),
         PromptOption("s", "steps", _as_int, "sampling steps"),
-        PromptOption("l", "scale", _as_float, "CFG scale"),
-        PromptOption("g", "guidance_scale", _as_float, "embedded guidance (FLUX)"),
+        PromptOption("l", "scale", as_finite_float, "CFG scale"),
+        PromptOption("g", "guidance_scale", as_finite_float, "embedded guidance (FLUX)"),
         PromptOption("ss", "sampler", _as_name, "sampler name"),
         PromptOption("cn", "controlnet_image", _as_path, "ControlNet image path"),
-        PromptOption("ctr", "cfg_trunc_ratio", _as_float, "CFG truncation ratio (Lumina)"),
-        PromptOption("rcfg", "renorm_cfg", _as_float, "renorm CFG (Lumina)"),
-        PromptOption("fs", "flow_shift", _as_float, "flow shift (Lumina)"),
+        PromptOption("ctr", "cfg_trunc_ratio", as_finite_float, "CFG truncation ratio (Lumina)"),
+        PromptOption("rcfg", "renorm_cfg", as_finite_float, "renorm CFG (Lumina)"),
+        PromptOption("fs", "flow_shift", as_finite_float, "flow shift (Lumina)"),
     )
 }
 
@@ -217,13 +218,13 @@ PROMPT_FILE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "height": ("height", _as_int),
     "seed": ("seed", _as_seed),
     "sample_steps": ("steps", _as_int),
-    "scale": ("scale", _as_float),
-    "guidance_scale": ("guidance_scale", _as_float),
+    "scale": ("scale", as_finite_float),
+    "guidance_scale": ("guidance_scale", as_finite_float),
     "sample_sampler": ("sampler", _as_name),
     "controlnet_image": ("controlnet_image", _as_path),
-    "cfg_trunc_ratio": ("cfg_trunc_ratio", _as_float),
-    "renorm_cfg": ("renorm_cfg", _as_float),
-    "flow_shift": ("flow_shift", _as_float),
+    "cfg_trunc_ratio": ("cfg_trunc_ratio", as_finite_float),
+    "renorm_cfg": ("renorm_cfg", as_finite_float),
+    "flow_shift": ("flow_shift", as_finite_float),
 }
 
 _FIELDS = {f.name for f in dataclasses.fields(SamplePrompt)}

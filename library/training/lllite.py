@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from library.args import ArgumentError
+from library.controlnet.args import check_conditioning_data_dir
 from library.families.base import FamilyModels, ModelFamily
-from library.training.targets import TrainingTarget
+from library.training.targets import SingleNetworkTarget
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class LLLiteControl:
         return unet, dataclasses.replace(prompt, controlnet_image=None)
 
 
-class LLLiteTarget(TrainingTarget):
+class LLLiteTarget(SingleNetworkTarget):
     """A ControlNet-LLLite network on a frozen SDXL model (``sdxl_train_control_net_lllite.py``)."""
 
     needs_conditioning_images = True
@@ -122,12 +123,7 @@ class LLLiteTarget(TrainingTarget):
                                 f"{args.cond_emb_dim}")
         if args.network_dropout is not None and not 0.0 <= args.network_dropout < 1.0:
             raise ArgumentError(f"--network_dropout must be in [0, 1), got {args.network_dropout}")
-        if not (args.dataset_config or getattr(args, "dataset_class", None)):
-            if not args.conditioning_data_dir:
-                raise ArgumentError("--conditioning_data_dir is required with --train_data_dir: the folder with one "
-                                    "conditioning image per training image (same file stem); or use --dataset_config")
-            if not os.path.isdir(args.conditioning_data_dir):
-                raise ArgumentError(f"--conditioning_data_dir {args.conditioning_data_dir}: no such folder")
+        check_conditioning_data_dir(args)
         check_sample_control_images(args)
         # Read by the shared checks: the text encoders are frozen, so their outputs may be cached.
         args.network_train_unet_only = True
@@ -169,19 +165,6 @@ class LLLiteTarget(TrainingTarget):
     def optimizer_params(self, args):
         lr = args.control_net_lr if getattr(args, "control_net_lr", None) is not None else args.learning_rate
         return self.network.prepare_optimizer_params(lr)
-
-    def modules(self) -> list[nn.Module]:
-        return [self.prepared]
-
-    def set_prepared(self, prepared: list[nn.Module], accelerator) -> None:
-        self.prepared = prepared[0]
-        self.network = accelerator.unwrap_model(self.prepared)
-
-    def cast_for_full_precision(self, dtype: torch.dtype) -> None:
-        self.network.to(dtype)
-
-    def trainable_parameters(self):
-        return self.network.get_trainable_params()
 
     def on_epoch_start(self, family: ModelFamily, models: FamilyModels) -> None:
         self.network.on_epoch_start()

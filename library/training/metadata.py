@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from library.io_utils import legacy_model_hash, sha256_file
+from library.io_utils import legacy_model_hash, prefetch_sha256, sha256_file
 
 MODELSPEC_VERSION = "1.0.1"
 IMPLEMENTATION_VERSION = "sd-trainer/0.1"
@@ -90,9 +90,18 @@ def training_metadata(args, *, session_id: int | None = None, started_at: float,
         md.setdefault(f"ss_{name}", _s(getattr(args, name, default)))
     md.update(dataset_metadata)
     md.update(family_metadata)
-    md.update(model_file_metadata(args.pretrained_model_name_or_path, "sd"))
-    md.update(model_file_metadata(getattr(args, "vae", None), "vae"))
+    if not getattr(args, "no_metadata", False):  # --no_metadata drops them: do not hash gigabytes for nothing
+        md.update(model_file_metadata(args.pretrained_model_name_or_path, "sd"))
+        md.update(model_file_metadata(getattr(args, "vae", None), "vae"))
     return md
+
+
+def prefetch_model_hashes(args) -> None:
+    """Start hashing the base model and VAE files in the background (see :func:`prefetch_sha256`);
+    :func:`model_file_metadata` collects the results."""
+    for path in (getattr(args, "pretrained_model_name_or_path", None), getattr(args, "vae", None)):
+        if path:
+            prefetch_sha256(path)
 
 
 def model_file_metadata(path: str | None, what: str) -> dict[str, str]:

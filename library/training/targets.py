@@ -126,7 +126,28 @@ class TrainingTarget(abc.ABC):
         return text
 
 
-class NetworkTarget(TrainingTarget):
+class SingleNetworkTarget(TrainingTarget):
+    """A target that trains one network object of the kohya plug-in API (``get_trainable_params``,
+    ``prepare_optimizer_params``): ``self.network``, which ``accelerator.prepare`` wraps as ``self.prepared``."""
+
+    network: Any = None
+    prepared: Any = None
+
+    def modules(self) -> list[nn.Module]:
+        return [self.prepared]
+
+    def set_prepared(self, prepared: list[nn.Module], accelerator) -> None:
+        self.prepared = prepared[0]
+        self.network = accelerator.unwrap_model(self.prepared)
+
+    def cast_for_full_precision(self, dtype: torch.dtype) -> None:
+        self.network.to(dtype)
+
+    def trainable_parameters(self):
+        return self.network.get_trainable_params()
+
+
+class NetworkTarget(SingleNetworkTarget):
     """A ``--network_module`` network (LoRA, ...) on frozen base models, through the kohya plug-in API."""
 
     def __init__(self) -> None:
@@ -199,19 +220,6 @@ class NetworkTarget(TrainingTarget):
             params = self.network.prepare_optimizer_params(te_lrs[0] if te_lrs else None, unet_lr, args.learning_rate)
         # The plug-in API allows either the groups alone or (groups, names of the groups).
         return params if isinstance(params, tuple) else (params, None)
-
-    def modules(self) -> list[nn.Module]:
-        return [self.prepared]
-
-    def set_prepared(self, prepared: list[nn.Module], accelerator) -> None:
-        self.prepared = prepared[0]
-        self.network = accelerator.unwrap_model(self.prepared)
-
-    def cast_for_full_precision(self, dtype: torch.dtype) -> None:
-        self.network.to(dtype)
-
-    def trainable_parameters(self):
-        return self.network.get_trainable_params()
 
     def on_epoch_start(self, family: ModelFamily, models: FamilyModels) -> None:
         self.network.on_epoch_start(family.network_text_encoders(models), models.denoiser)

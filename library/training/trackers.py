@@ -20,8 +20,8 @@ import os
 from pathlib import PurePath
 from typing import Any
 
-import toml
 
+from library import toml_text
 from library.args import ArgumentError
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,12 @@ def tracker_init_kwargs(args) -> dict[str, dict[str, Any]]:
         if not os.path.isfile(path):
             raise ArgumentError(f"--log_tracker_config {path}: no such file (a .toml of tracker init kwargs)")
         try:
-            loaded = toml.load(path)
-        except (toml.TomlDecodeError, OSError) as e:
-            raise ArgumentError(f"--log_tracker_config {path}: not valid TOML ({e})") from e
+            with open(path, encoding="utf-8") as f:
+                loaded = toml_text.loads(f.read())
+        except UnicodeDecodeError as e:
+            raise ArgumentError(f"--log_tracker_config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (toml_text.TomlDecodeError, OSError) as e:
+            raise ArgumentError(f"--log_tracker_config {path}: not valid TOML ({e})") from None
         for name, value in loaded.items():
             if not isinstance(value, dict):
                 raise ArgumentError(f"--log_tracker_config {path}: '{name}' must be a table of init kwargs, "

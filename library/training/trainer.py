@@ -130,6 +130,8 @@ class Trainer:
         # seconds; the tokenizer the workers need is attached once loaded. A --dataset_class receives its
         # tokenize function when it is built, so it is built after loading.
         early_data = None if getattr(args, "dataset_class", None) else build_data(None)
+        if not getattr(args, "no_metadata", False):  # the file hashes of the metadata: computed while loading
+            md.prefetch_model_hashes(args)
         models = self.family.load_models(args, accelerator.device, weight_dtype)
         tokenize = self.family.make_tokenize_fn(models, args)
         # With cached text-encoder outputs the batches need no token ids: the workers do not tokenize.

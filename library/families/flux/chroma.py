@@ -32,15 +32,14 @@ import torch
 from torch import nn
 
 from library.families import dit_layers
-from library.families.dit_memory import DiTMemoryMixin
 from library.families.flux.model import (
     DoubleStreamBlock,
+    FluxBlockStacks,
     FluxConfig,
     MLPEmbedder,
     ModulationOut,
     RMSNorm,
     SingleStreamBlock,
-    block_swap_plan,
     default_axes_dim,
     rope_frequencies,
     strip_flux_prefix,
@@ -193,7 +192,7 @@ def attended_text(mask: torch.Tensor, padding: int = ATTN_PADDING) -> torch.Tens
     return torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
 
 
-class Chroma(DiTMemoryMixin, nn.Module):
+class Chroma(FluxBlockStacks, nn.Module):
     """The Chroma transformer; ``state_dict()`` keys are the Chroma checkpoint keys.
 
     ``forward`` takes the arguments of :meth:`library.families.flux.model.Flux.forward` (``y``, the
@@ -221,17 +220,6 @@ class Chroma(DiTMemoryMixin, nn.Module):
             for _ in range(config.depth_single_blocks))
         self.final_layer = ChromaFinalLayer(hidden, self.out_channels)
         self._init_memory_options()
-
-    # -- memory options (DiTMemoryMixin) -----------------------------------------------------------
-
-    def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
-        return [("double", self.double_blocks), ("single", self.single_blocks)]
-
-    def _swap_plan(self, num_blocks: int) -> tuple[int, int]:
-        return block_swap_plan(num_blocks)
-
-    def _reference_weight(self) -> torch.Tensor:
-        return self.img_in.weight
 
     # -- forward -----------------------------------------------------------------------------------
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from library.args import (add_custom_train_arguments, add_dataset_arguments, add_dit_training_arguments,
-                          add_flux_training_arguments, add_logging_arguments, add_model_spec_arguments,
-                          add_noise_and_loss_arguments, add_optimizer_arguments, add_sd_models_arguments,
-                          add_training_arguments, add_validation_arguments)
+from library.args import add_dit_training_arguments, add_flux_training_arguments, training_parser
 
 #: the reference's depths of a new ControlNet (``ControlNetFlux(params, controlnet_depth=2,
 #: controlnet_single_depth=0)``); defined here, not in the model module, so ``--help`` does not import torch
@@ -36,16 +33,7 @@ def add_flux_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_flux_controlnet_parser() -> argparse.ArgumentParser:
     """The parser of flux_train_control_net.py."""
-    parser = argparse.ArgumentParser(description="Train a ControlNet for FLUX.1 dev/schnell")
-    add_logging_arguments(parser)
-    add_sd_models_arguments(parser)
-    add_model_spec_arguments(parser)
-    add_dataset_arguments(parser, support_dreambooth=False, support_caption=True)
-    add_training_arguments(parser, support_dreambooth=False)
-    add_optimizer_arguments(parser)
-    add_validation_arguments(parser)
-    add_noise_and_loss_arguments(parser)
-    add_custom_train_arguments(parser)
+    parser = training_parser("Train a ControlNet for FLUX.1 dev/schnell")
     add_dit_training_arguments(parser)
     add_flux_training_arguments(parser)
     add_flux_controlnet_arguments(parser)

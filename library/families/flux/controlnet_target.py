@@ -84,7 +84,6 @@ class FluxControlNetTarget(ControlNetTarget):
         if fmt not in SAVE_FORMATS:
             raise ArgumentError(f"--save_model_as {fmt}: a FLUX ControlNet is saved as safetensors, ckpt or pt")
         super().validate_args(args)
-        args.trains_flux_controlnet = True  # read by FluxFamily: --controlnet_model_name_or_path is ours here
         depth, single = getattr(args, "controlnet_depth", 2), getattr(args, "controlnet_single_depth", 0)
         if depth < 0 or single < 0 or depth + single == 0:
             raise ArgumentError(f"--controlnet_depth {depth} / --controlnet_single_depth {single}: the ControlNet "

@@ -40,6 +40,7 @@ class FluxFamily(DiTFamily):
     required_files = ("ae", "clip_l", "t5xxl")
     #: ``--guidance_scale`` when it is not given (the reference's default)
     default_guidance_scale = 3.5
+    clip_skip_note = "it uses CLIP-L's pooled output"
 
     def __init__(self) -> None:
         #: set by load_models from the DiT's weights; the metadata names the variant
@@ -60,31 +61,16 @@ class FluxFamily(DiTFamily):
         if getattr(args, "guidance_scale", None) is None:
             args.guidance_scale = self.default_guidance_scale
         self._check_controlnet_flag(args)
-        if getattr(args, "network_module", None) in ("networks.lora", "networks.dylora", "networks.oft"):
-            raise ArgumentError(f"--network_module {args.network_module} is for SD/SDXL U-Nets; FLUX.1 LoRAs use "
-                                "--network_module networks.lora_flux")
-        self._refuse_ddpm_flags(args)
-        if getattr(args, "weighted_captions", False):
-            raise ArgumentError("--weighted_captions is not supported for FLUX.1 (T5 has no prompt weights here): "
-                                "remove it")
-        for name in ("min_timestep", "max_timestep"):
-            if getattr(args, name, None) is not None:
-                logger.warning("--%s is ignored for FLUX.1 (as in the reference); shape the timesteps with "
-                               "--timestep_sampling", name)
-        if args.clip_skip is not None:
-            logger.warning("--clip_skip is ignored for FLUX.1: it uses CLIP-L's pooled output")
-        if args.max_token_length is not None:
-            logger.warning("--max_token_length is ignored for FLUX.1: set the T5 length with --t5xxl_max_token_length")
-        if args.t5xxl_max_token_length is not None and args.t5xxl_max_token_length < 1:
-            raise ArgumentError(f"--t5xxl_max_token_length {args.t5xxl_max_token_length} must be 1 or more")
+        self._check_shared_flags(args)
         if args.split_mode:
             logger.warning("--split_mode is deprecated: using --blocks_to_swap 18 instead")
             args.blocks_to_swap = args.blocks_to_swap or 18
         self._validate_training_args(args)
 
     def _check_controlnet_flag(self, args) -> None:
-        """A LoRA run with a frozen ControlNet (the reference's advanced option) is not supported here."""
-        if getattr(args, "controlnet_model_name_or_path", None) and not getattr(args, "trains_flux_controlnet", False):
+        """A LoRA run with a frozen ControlNet (the reference's advanced option) is not supported here.
+        Only the network scripts have ``--network_module``; flux_train_control_net.py trains that file."""
+        if getattr(args, "controlnet_model_name_or_path", None) and hasattr(args, "network_module"):
             raise ArgumentError("--controlnet_model_name_or_path: training a network together with a frozen FLUX "
                                 "ControlNet is not supported; to train the ControlNet use flux_train_control_net.py")
 

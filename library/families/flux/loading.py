@@ -21,6 +21,7 @@ from library.families.dit_loading import build_dit
 from library.families.flux.model import Flux, FluxConfig, strip_flux_prefix
 from library.families.sd.checkpoint.common import CheckpointError
 from library.families.sd.loading import read_checkpoint
+from library.families.text_encoder_files import other_model_hint
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,10 @@ def _checked_flux_state_dict(state_dict: dict[str, torch.Tensor], path: Path) ->
         raise CheckpointError(f"{path}: this is a Chroma model ({CHROMA_MARKER_KEY} is present), not FLUX.1 "
                               "dev/schnell: add --model_type chroma")
     if not any(k.startswith("double_blocks.") for k in state_dict):
-        hint = ""
-        if any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):
-            hint = " It looks like a LoRA: pass it with --network_weights."
-        elif any(k.startswith("transformer_blocks.") for k in state_dict):
+        hint = other_model_hint(state_dict)
+        if any(k.startswith("transformer_blocks.") for k in state_dict):
             hint = (" It looks like a Diffusers FluxTransformer2DModel; use the original BFL single file "
                     "(flux1-dev.safetensors / flux1-schnell.safetensors).")
-        elif any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in state_dict):
-            hint = " It looks like an SD3 model: use sd3_train_network.py."
-        elif any(k.startswith(("model.diffusion_model.input_blocks.", "input_blocks.")) for k in state_dict):
-            hint = " It looks like an SD/SDXL checkpoint: use train_network.py or sdxl_train_network.py."
         raise CheckpointError(f"{path}: not a FLUX.1 DiT file (no double_blocks.* keys).{hint}")
     return state_dict
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from library.families import dit_layers
 from library.families.dit_layers import TIMESTEP_EMBED_DIM
+from library.families.dit_layers import apply_rope, rope_frequencies  # noqa: F401 (re-exported: part of this module's API)
 from library.families.dit_layers import FinalLayer as LastLayer  # BFL's name for the shared final layer
 from library.families.dit_layers import layer_norm as _layer_norm
 from library.families.dit_memory import MIN_RESIDENT_BLOCKS  # noqa: F401 (re-exported: part of this module's API)
@@ -156,29 +157,6 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_EMBED_DIM, max_perio
     """Sinusoidal embedding ``[B, dim]`` (cos half first) of ``t * time_factor``, in float32
     (:func:`library.families.dit_layers.timestep_embedding`; FLUX passes sigma, scaled by 1000 here)."""
     return dit_layers.timestep_embedding(t, dim, max_period, time_factor)
-
-
-def rope_frequencies(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
-    """Rotary angles for position ids ``[B, L, n_axes]`` -> ``[B, 1, L, head_dim/2, 2]`` (cos, sin), float32.
-
-    Axis ``i`` uses ``axes_dim[i]`` channels of each head: pairs rotated by ``id * theta^(-2k/d)``.
-    """
-    dtype = dit_layers.precise_float_dtype(ids.device)  # float64 keeps large positions exact
-    angles = []
-    for axis, dim in enumerate(axes_dim):
-        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)
-        angles.append(ids[..., axis].to(dtype)[..., None] * omega)
-    angle = torch.cat(angles, dim=-1)
-    return torch.stack([angle.cos(), angle.sin()], dim=-1).float().unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x [B, H, L, D]`` by ``freqs`` (``rope_frequencies``)."""
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = freqs[..., 0], freqs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor,
@@ -352,7 +330,21 @@ def max_blocks_to_swap(config: FluxConfig) -> int:
     return largest_block_swap(block_swap_plan, (config.depth, config.depth_single_blocks))
 
 
-class Flux(DiTMemoryMixin, nn.Module):
+class FluxBlockStacks(DiTMemoryMixin):
+    """The memory options of a DiT with FLUX.1's ``double_blocks`` / ``single_blocks`` stacks and
+    ``img_in`` (FLUX.1 and Chroma): which stacks swap, and how N swapped blocks split between them."""
+
+    def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
+        return [("double", self.double_blocks), ("single", self.single_blocks)]
+
+    def _swap_plan(self, num_blocks: int) -> tuple[int, int]:
+        return block_swap_plan(num_blocks)
+
+    def _reference_weight(self) -> torch.Tensor:
+        return self.img_in.weight
+
+
+class Flux(FluxBlockStacks, nn.Module):
     """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint keys.
 
     ``--blocks_to_swap N`` swaps the last ``N // 2`` double and ``(N - N // 2) * 2`` single blocks
@@ -379,17 +371,6 @@ class Flux(DiTMemoryMixin, nn.Module):
             SingleStreamBlock(hidden, config.num_heads, config.mlp_ratio) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(hidden, self.out_channels)
         self._init_memory_options()
-
-    # -- memory options (DiTMemoryMixin) -----------------------------------------------------------
-
-    def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
-        return [("double", self.double_blocks), ("single", self.single_blocks)]
-
-    def _swap_plan(self, num_blocks: int) -> tuple[int, int]:
-        return block_swap_plan(num_blocks)
-
-    def _reference_weight(self) -> torch.Tensor:
-        return self.img_in.weight
 
     # -- forward -----------------------------------------------------------------------------------
 

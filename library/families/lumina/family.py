@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 MODELSPEC_IMPLEMENTATION = "https://github.com/Alpha-VLLM/Lumina-Image-2.0"
 MODELSPEC_ARCHITECTURE = "lumina-2"
 BASE_MODEL_VERSION = "lumina2"
-_OTHER_FAMILY_NETWORKS = ("networks.lora", "networks.lora_flux", "networks.lora_sd3", "networks.dylora", "networks.oft")
 
 
 class LuminaFamily(DiTFamily):
@@ -44,6 +43,9 @@ class LuminaFamily(DiTFamily):
     family_label = "Lumina-Image 2.0"
     flow_options = "--timestep_sampling, --discrete_flow_shift and --weighting_scheme"
     modelspec_implementation = MODELSPEC_IMPLEMENTATION
+    token_length_encoder = "Gemma-2"
+    token_length_flag = "gemma2_max_token_length"
+    clip_skip_note = "it conditions on Gemma-2's penultimate layer"
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args) -> None:
@@ -54,24 +56,7 @@ class LuminaFamily(DiTFamily):
                 raise ArgumentError(f"--{name} is required for Lumina-Image 2.0: the path of {what}")
             if not os.path.exists(value):
                 raise ArgumentError(f"--{name} {value}: no such file")
-        if args.network_module in _OTHER_FAMILY_NETWORKS:
-            raise ArgumentError(f"--network_module {args.network_module} is for another model family; Lumina LoRAs "
-                                "use --network_module networks.lora_lumina")
-        self._refuse_ddpm_flags(args)
-        if getattr(args, "weighted_captions", False):
-            raise ArgumentError("--weighted_captions is not supported for Lumina-Image 2.0 (Gemma-2 has no prompt "
-                                "weights here): remove it")
-        for name in ("min_timestep", "max_timestep"):
-            if getattr(args, name, None) is not None:
-                logger.warning("--%s is ignored for Lumina-Image 2.0 (as in the reference); shape the noise levels "
-                               "with --timestep_sampling", name)
-        if args.clip_skip is not None:
-            logger.warning("--clip_skip is ignored for Lumina-Image 2.0: it conditions on Gemma-2's penultimate layer")
-        if args.max_token_length is not None:
-            logger.warning("--max_token_length is ignored for Lumina-Image 2.0: set the Gemma-2 length with "
-                           "--gemma2_max_token_length")
-        if args.gemma2_max_token_length is not None and args.gemma2_max_token_length < 1:
-            raise ArgumentError(f"--gemma2_max_token_length {args.gemma2_max_token_length} must be 1 or more")
+        self._check_shared_flags(args)
         for name in ("use_flash_attn", "use_sage_attn", "sample_batch_size"):
             if getattr(args, name, None):
                 logger.info("--%s is accepted for compatibility and has no effect here (attention runs through "

@@ -22,7 +22,7 @@ from library.families.dit_loading import build_dit
 from library.families.lumina.model import LuminaConfig, NextDiT, strip_lumina_prefix
 from library.families.sd.checkpoint.common import CheckpointError
 from library.families.sd.loading import read_checkpoint
-from library.families.text_encoder_files import describe_state_dict
+from library.families.text_encoder_files import other_model_hint
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,10 @@ def checked_lumina_state_dict(state_dict: dict[str, torch.Tensor], path: object)
     state_dict = strip_lumina_prefix(state_dict)
     if _ANCHOR in state_dict and any(k.startswith("layers.") for k in state_dict):
         return state_dict
-    hint = ""
+    hint = other_model_hint(state_dict)
     if any(k.startswith("time_caption_embed.") for k in state_dict):
         hint = (" It looks like a Diffusers Lumina2Transformer2DModel; use the original single file "
                 "(lumina_2_model_bf16.safetensors).")
-    elif any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in state_dict):
-        hint = " It looks like a FLUX.1 DiT: use flux_train_network.py."
-    elif any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in state_dict):
-        hint = " It looks like an SD3 model: use sd3_train_network.py."
-    elif any(k.startswith(("model.diffusion_model.input_blocks.", "input_blocks.")) for k in state_dict):
-        hint = " It looks like an SD/SDXL checkpoint: use train_network.py or sdxl_train_network.py."
-    else:
-        hint = f" It looks like {describe_state_dict(state_dict)}."
     raise CheckpointError(f"{path}: not a Lumina-Image 2.0 DiT file (no {_ANCHOR} / layers.* keys).{hint}")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from library.families.sd.checkpoint.common import CheckpointError
-from library.families.t5_tokenizer import cache_folder_name
+from library.families.t5_tokenizer import cache_folder_name, hub_cache_folder
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +36,6 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _hub_cache_folder(hub_id: str) -> Path | None:
-    """The cached snapshot folder of ``hub_id`` with its tokenizer files, or None (local cache only)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    for name in _TOKENIZER_FILES:
-        try:
-            found = try_to_load_from_cache(hub_id, name)
-        except ValueError:  # not a valid repo id
-            return None
-        if isinstance(found, str):
-            return Path(found).parent
-    return None
-
-
 def tokenizer_folder(gemma2_path: str | os.PathLike | None, cache_dir: str | os.PathLike | None) -> Path:
     """The folder the tokenizer is read from (see the module docstring), or ``CheckpointError``."""
     if gemma2_path is not None and Path(gemma2_path).is_dir() and _has_tokenizer(Path(gemma2_path)):
@@ -60,7 +46,7 @@ def tokenizer_folder(gemma2_path: str | os.PathLike | None, cache_dir: str | os.
             raise CheckpointError(f"Gemma-2 tokenizer folder {folder} has neither tokenizer.json nor tokenizer.model; "
                                   f"copy the tokenizer files of {GEMMA2_TOKENIZER_ID} there")
         return folder
-    cached = _hub_cache_folder(GEMMA2_TOKENIZER_ID)
+    cached = hub_cache_folder(GEMMA2_TOKENIZER_ID, _TOKENIZER_FILES)
     if cached is not None:
         logger.info("Gemma-2 tokenizer %s found in the local Hugging Face cache", GEMMA2_TOKENIZER_ID)
         return cached

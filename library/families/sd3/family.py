@@ -40,6 +40,8 @@ class SD3Family(DiTFamily):
     family_label = "SD3"
     flow_options = "--weighting_scheme and --training_shift"
     modelspec_implementation = "diffusers"
+    clip_skip_note = "it conditions on the penultimate CLIP layers"
+    honours_timestep_range = True
 
     def __init__(self) -> None:
         #: set by load_models from the MMDiT's weights; the metadata names the variant
@@ -47,25 +49,14 @@ class SD3Family(DiTFamily):
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args) -> None:
-        if args.network_module in ("networks.lora", "networks.lora_flux", "networks.dylora", "networks.oft"):
-            raise ArgumentError(f"--network_module {args.network_module} is for another model family; SD3 LoRAs use "
-                                "--network_module networks.lora_sd3")
+        self._check_shared_flags(args)
         for name in ("clip_l", "clip_g", "t5xxl", "vae"):
             value = getattr(args, name, None)
             if value and not os.path.exists(value):
                 raise ArgumentError(f"--{name} {value}: no such file")
-        self._refuse_ddpm_flags(args)
         for name in _NO_EFFECT_FLAGS:
             if getattr(args, name, None):
                 logger.warning("--%s has no effect (as in the reference)", name)
-        if getattr(args, "weighted_captions", False):
-            raise ArgumentError("--weighted_captions is not supported for SD3: remove it")
-        if args.clip_skip is not None:
-            logger.warning("--clip_skip is ignored for SD3: it conditions on the penultimate CLIP layers")
-        if args.max_token_length is not None:
-            logger.warning("--max_token_length is ignored for SD3: set the T5 length with --t5xxl_max_token_length")
-        if args.t5xxl_max_token_length < 1:
-            raise ArgumentError(f"--t5xxl_max_token_length {args.t5xxl_max_token_length} must be 1 or more")
         for name in ("clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "pos_emb_random_crop_rate"):
             value = getattr(args, name)
             if not 0.0 <= value <= 1.0:

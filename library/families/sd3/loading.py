@@ -34,7 +34,7 @@ from library.families.sd.checkpoint.common import CheckpointError
 from library.families.sd.loading import read_checkpoint
 from library.families.sd3.model import CHECKPOINT_PREFIX, SD3Config, SD3MMDiT, strip_sd3_prefix
 from library.families.sd3.vae import has_sd3_vae, load_sd3_vae
-from library.families.text_encoder_files import describe_state_dict
+from library.families.text_encoder_files import other_model_hint
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,10 @@ def check_sd3_state_dict(state_dict: Mapping[str, torch.Tensor], path: object) -
     keys = list(state_dict)
     if _has_prefix(keys, CHECKPOINT_PREFIX + "joint_blocks.") or _has_prefix(keys, "joint_blocks."):
         return
-    hint = ""
-    if any(k.startswith(("lora_unet_", "lora_te", "lycoris_")) or ".lora_down." in k or ".lora_A." in k
-           for k in keys):
-        hint = " It looks like a LoRA: pass it with --network_weights."
-    elif _has_prefix(keys, "double_blocks.") or _has_prefix(keys, CHECKPOINT_PREFIX + "double_blocks."):
-        hint = " It looks like a FLUX.1 DiT: use flux_train_network.py."
-    elif _has_prefix(keys, "conditioner.embedders."):
-        hint = " It looks like an SDXL checkpoint: use sdxl_train_network.py."
-    elif _has_prefix(keys, CHECKPOINT_PREFIX + "input_blocks.") or _has_prefix(keys, "cond_stage_model."):
-        hint = " It looks like an SD 1.x/2.x checkpoint: use train_network.py."
-    elif _has_prefix(keys, "transformer_blocks.") and "context_embedder.weight" in state_dict:
+    hint = other_model_hint(state_dict)
+    if _has_prefix(keys, "transformer_blocks.") and "context_embedder.weight" in state_dict:
         hint = (" It looks like a Diffusers SD3Transformer2DModel: use SAI's single file (sd3_medium*.safetensors, "
                 "sd3.5_*.safetensors).")
-    else:
-        hint = f" It looks like {describe_state_dict(dict(state_dict))}."
     raise CheckpointError(f"{path}: not an SD3/SD3.5 model file (no {CHECKPOINT_PREFIX}joint_blocks.* keys).{hint}")
 
 
