@@ -43,7 +43,7 @@ class _Zygote:
     def run(self, script: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         with tempfile.TemporaryDirectory(prefix="run_script_") as tmp:
             out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            request = {"script": script, "args": args, "stdout": str(out), "stderr": str(err)}
+            request = {"script": script, "args": args, "env": _script_env(), "stdout": str(out), "stderr": str(err)}
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             pid = self._reply(None)["pid"]

@@ -7,7 +7,7 @@ interpreter that runs the script as ``__main__`` with its own argv, stdout/stder
 code, exactly as ``python script.py ...`` would (the project's own modules are imported in the
 child, so they are always the checked-out code). The parent is :func:`tests.train_helpers.run_script`.
 
-Protocol, one JSON object per line: request ``{"script", "args", "stdout", "stderr"}`` on stdin,
+Protocol, one JSON object per line: request ``{"script", "args", "env", "stdout", "stderr"}`` on stdin,
 reply ``{"pid"}`` once forked, then ``{"returncode"}`` once the child ended. No torch operation
 runs here before forking, so no OpenMP thread pool is copied into the children.
 """
@@ -45,6 +45,8 @@ def _child(request: dict) -> None:
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ.clear()  # the caller's environment at the time of the call, as for a fresh process
+    os.environ.update(request["env"])
     script = os.path.join(REPO, request["script"])
     sys.argv = [script, *request["args"]]
     sys.path[0] = os.path.dirname(script)
