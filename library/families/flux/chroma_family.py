@@ -39,6 +39,7 @@ class ChromaFamily(FluxFamily):
     model_type = "chroma"
     required_files = ("ae", "t5xxl")
     default_guidance_scale = 0.0
+    clip_skip_note = "it conditions on T5 alone (no CLIP-L)"
 
     # --- set-up --------------------------------------------------------------------------------
     def validate_args(self, args) -> None:
