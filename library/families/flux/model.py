@@ -27,7 +27,7 @@ from torch import nn
 
 from library.families import dit_layers
 from library.families.dit_layers import TIMESTEP_EMBED_DIM
-from library.families.dit_layers import apply_rope, rope_frequencies  # noqa: F401 (re-exported: part of this module's API)
+from library.families.dit_layers import apply_rope, rope_frequencies
 from library.families.dit_layers import FinalLayer as LastLayer  # BFL's name for the shared final layer
 from library.families.dit_layers import layer_norm as _layer_norm
 from library.families.dit_memory import MIN_RESIDENT_BLOCKS  # noqa: F401 (re-exported: part of this module's API)

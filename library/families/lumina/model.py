@@ -39,8 +39,8 @@ from torch import nn
 
 from library.families import dit_layers
 from library.families.dit_layers import TIMESTEP_EMBED_DIM
-from library.families.dit_memory import DiTMemoryMixin
 from library.families.dit_layers import apply_rope, rope_frequencies  # the same adjacent-pair RoPE as FLUX
+from library.families.dit_memory import DiTMemoryMixin
 
 CHECKPOINT_PREFIX = "model.diffusion_model."
 #: the caption tokens' axis, then the image rows and columns, as the original's position ids
