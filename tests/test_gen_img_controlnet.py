@@ -147,6 +147,53 @@ def test_sd_controlnet_canny_prep_guides_in_order_and_guidance_paths(tiny_sd1_ck
     assert hires.shape == (64, 64, 3)
 
 
+# --- hires fix: --highres_fix_disable_control_net ---------------------------------------------------
+
+def control_per_pass(generator, ckpt, outdir, *extra, sdxl=False) -> tuple[np.ndarray, dict[int, list[bool]]]:
+    """The image, and per pass (latent width: 4 = the 32-px first pass, 8 = the 64-px second) whether
+    each U-Net call had control: ControlNet residuals in its arguments, or LLLite modules holding a
+    control embedding."""
+    seen: dict[int, list[bool]] = {}
+
+    def hook(module, args, kwargs):
+        controlled = "down_block_additional_residuals" in kwargs or any(
+            m.cond_emb is not None for unit in generator.controls.lllites for m in unit.network.unet_modules)
+        seen.setdefault(args[0].shape[-1], []).append(controlled)
+
+    handle = generator.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        (path,) = run(make_args(ckpt, outdir, "--highres_fix_scale", 0.5, "--highres_fix_steps", 2, *extra, sdxl=sdxl),
+                      generator)
+    finally:
+        handle.remove()
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16), seen
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "lllite"])
+def test_highres_fix_disable_control_net_leaves_the_second_pass_uncontrolled(kind, tiny_sd1_ckpt, tiny_sdxl_ckpt,
+                                                                              sd_controlnet, lllite_file, guides,
+                                                                              tmp_path):
+    sdxl = kind == "lllite"
+    ckpt = tiny_sdxl_ckpt if sdxl else tiny_sd1_ckpt
+    flag = "--control_net_lllite_models" if sdxl else "--control_net_models"
+    control = [flag, lllite_file if sdxl else sd_controlnet, "--guide_image_path", guides[0]]
+    controlled = load_generator(make_args(ckpt, tmp_path, *control, sdxl=sdxl), CPU)
+    both, both_calls = control_per_pass(controlled, ckpt, tmp_path / "both", *control, sdxl=sdxl)
+    first, first_calls = control_per_pass(controlled, ckpt, tmp_path / "first", *control,
+                                          "--highres_fix_disable_control_net", sdxl=sdxl)
+    # first pass: --highres_fix_steps 2 calls; second: int(--steps 4 x --strength 0.8) = 3 calls (euler)
+    assert both_calls == {4: [True, True], 8: [True, True, True]}
+    assert first_calls == {4: [True, True], 8: [False, False, False]}
+    plain, plain_calls = control_per_pass(load_generator(make_args(ckpt, tmp_path, sdxl=sdxl), CPU), ckpt,
+                                          tmp_path / "plain", sdxl=sdxl)
+    assert plain_calls == {4: [False, False], 8: [False, False, False]}
+    # control only in pass 1: neither the fully controlled image nor the uncontrolled one
+    assert differ(first, both) > 0.5 and differ(first, plain) > 0.5
+    # the next image's first pass is controlled again (the flag switches nothing off for good)
+    _, again = control_per_pass(controlled, ckpt, tmp_path / "again", *control, sdxl=sdxl)
+    assert again == both_calls
+
+
 # --- SDXL ControlNet and ControlNet-LLLite -----------------------------------------------------------
 
 def test_sdxl_controlnet_changes_the_image_and_multiplier_zero_does_not(tiny_sdxl_ckpt, sdxl_controlnet, guides,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from library.args import add_logging_arguments
+from library.generation.clip_vision import DEFAULT_CLIP_VISION_MODEL
 
 # Every reference sampler name (kept in sync with library.sampling.schedulers.SAMPLER_NAMES, which
 # imports diffusers and so cannot be imported here; tests check that the two agree).
@@ -96,6 +97,13 @@ def setup_parser() -> argparse.ArgumentParser:
     i.add_argument("--image_path", type=str, default=None, help="init image file or folder (img2img)")
     i.add_argument("--mask_path", type=str, default=None, help="inpainting mask file or folder (white = repaint)")
     i.add_argument("--strength", type=float, default=0.8, help="img2img strength 0..1 (default: 0.8)")
+    i.add_argument("--clip_vision_strength", type=float, default=None, metavar="S",
+                   help="SDXL img2img: the init image's CLIP-Vision embedding times this replaces the prompt's pooled "
+                        "text embedding (e.g. 1.0); needs --sdxl and --image_path")
+    i.add_argument("--clip_vision_model", type=str, default=None, metavar="PATH_OR_ID",
+                   help="CLIP vision model (with projection) for --clip_vision_strength: a local folder with "
+                        f"config.json and weights, or a hub id in the local Hugging Face cache (default: "
+                        f"{DEFAULT_CLIP_VISION_MODEL}; nothing is downloaded)")
 
     h = p.add_argument_group("hires fix")
     h.add_argument("--highres_fix_scale", type=float, default=None,
@@ -108,6 +116,9 @@ def setup_parser() -> argparse.ArgumentParser:
     h.add_argument("--highres_fix_save_1st", action="store_true", help="hires fix: also save the first-pass image")
     h.add_argument("--highres_fix_latents_upscaling", action="store_true",
                    help="hires fix: upscale the latents instead of the decoded image")
+    h.add_argument("--highres_fix_disable_control_net", action="store_true",
+                   help="hires fix: run the second (upscaled) pass without ControlNet / ControlNet-LLLite; the first "
+                        "pass keeps them")
 
     c = p.add_argument_group("ControlNet / ControlNet-LLLite (one value per model, in model order)")
     c.add_argument("--control_net_models", type=str, default=None, nargs="*",
@@ -169,6 +180,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"{args.highres_fix_scale} (e.g. 0.5: 512x512 first, then 1024x1024 with --W 1024 --H 1024)")
         if args.image_path:
             parser.error("--highres_fix_scale with --image_path is not supported yet: use one or the other")
+    _validate_clip_vision_args(parser, args)
     modules = args.network_module or []
     weights = args.network_weights or []
     if len(modules) != len(weights):
@@ -182,6 +194,24 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.network_merge and not modules:
         parser.error("--network_merge needs networks (--network_module and --network_weights)")
     _validate_control_args(parser, args)
+
+
+def _validate_clip_vision_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    import math
+
+    strength = args.clip_vision_strength
+    if strength is None:
+        if args.clip_vision_model is not None:
+            parser.error("--clip_vision_model is the model of --clip_vision_strength: add --clip_vision_strength "
+                         "(e.g. 1.0) or drop --clip_vision_model")
+        return
+    # Refused here, before any model loads: the reference silently ignores the flag for SD 1.x/2.x.
+    if not args.sdxl:
+        parser.error("--clip_vision_strength is SDXL CLIP-Vision conditioning: add --sdxl (SDXL model) or drop it")
+    if not args.image_path:
+        parser.error("--clip_vision_strength conditions on the init image: add --image_path FILE_OR_FOLDER")
+    if not math.isfinite(strength) or strength < 0:
+        parser.error(f"--clip_vision_strength must be a number of at least 0 (e.g. 1.0), got {strength}")
 
 
 def _validate_control_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

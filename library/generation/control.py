@@ -14,6 +14,8 @@ ControlNets and LLLite cannot be combined in one run (as in the reference).
   0: never). The reference switches off only *after* ``i / n`` exceeds the ratio, one step later.
 * several ControlNets: their residuals are added (diffusers' ``MultiControlNetModel`` rule);
   several LLLite networks each nudge their layers.
+* hires fix: both passes are controlled (the guide resized to each pass's size), or with
+  ``--highres_fix_disable_control_net`` only the first (as in the reference).
 
 Classifier-free guidance batches (``[uncond, cond]``, and ``[uncond, negative, cond]`` with
 ``--negative_scale``) get the same guide images in every block of rows.
@@ -107,10 +109,20 @@ class Controls:
 
     @contextlib.contextmanager
     def pass_for(self, guides: Sequence[Image.Image] | None, width: int, height: int, device: torch.device,
-                 dtype: torch.dtype) -> Iterator[None]:
+                 dtype: torch.dtype, *, control: bool = True) -> Iterator[None]:
         """One denoising pass at ``width`` x ``height``: guide tensors for the ControlNets, control
-        image embeddings for the LLLite networks (dropped again afterwards)."""
+        image embeddings for the LLLite networks (dropped again afterwards). ``control=False``: a pass
+        without them (``--highres_fix_disable_control_net``'s second pass)."""
         if not self.enabled:
+            yield
+            return
+        if not control:
+            # No hint: unet_kwargs adds no residuals; no control embedding: the LLLite modules pass
+            # their input through (whatever on_step sets their multipliers to).
+            for unit in self.controlnets:
+                unit.hint = None
+            for unit in self.lllites:
+                unit.network.set_cond_image(None)
             yield
             return
         if guides is None or not guides:
@@ -187,7 +199,8 @@ def load_controls(args, *, unet, sdxl: bool) -> Controls:
                                 "pick one kind of control")
     paths = controlnet_paths or lllite_paths
     if not paths:
-        for flag in ("control_net_preps", "control_net_multipliers", "control_net_ratios", "guide_image_path"):
+        for flag in ("control_net_preps", "control_net_multipliers", "control_net_ratios", "guide_image_path",
+                     "highres_fix_disable_control_net"):
             if getattr(args, flag, None):
                 logger.warning("--%s is ignored without --control_net_models or --control_net_lllite_models", flag)
         return Controls()

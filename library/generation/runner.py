@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from library.families.sd.family import LATENT_SCALE
+from library.generation.clip_vision import ClipVisionError, find_clip_vision_model
 from library.generation.control import ControlInputError, Controls, load_controls
 from library.generation.images import (
     ImageInputError,
@@ -382,7 +383,8 @@ class SDGenerator:
 
     def _denoise(self, jobs, conditioning, generators, *, width: int, height: int, steps: int,
                  init: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None,
-                 guides: list | None = None):
+                 guides: list | None = None, control: bool = True):
+        """One denoising pass; ``control=False`` runs it without the ControlNets / LLLite networks."""
         cond, uncond, model_fn, guidance = conditioning
         f = self.sampler.vae_scale_factor
         shape = (len(jobs), self.sampler.latent_channels, height // f, width // f)
@@ -392,7 +394,7 @@ class SDGenerator:
         proxy = SeededScheduler(scheduler, noise, generators, txt2img=init is None, init=init, mask=mask,
                                 steps=steps, strength=strength)
         start = init if init is not None else torch.zeros(shape)
-        with self.controls.pass_for(guides, width, height, self.device, self.dtype):
+        with self.controls.pass_for(guides, width, height, self.device, self.dtype, control=control):
             return sample_latents(model_fn, proxy, shape=shape, steps=steps, cond=cond, uncond=uncond,
                                   guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
                                   device=self.device, dtype=self.dtype, init_latents=start,
@@ -431,7 +433,8 @@ class SDGenerator:
             else:
                 up = self.encode_images(torch.cat([image_to_tensor(im, w, h) for im in first]))
             latents = self._denoise(jobs, conditioning, generators, width=w, height=h, steps=j0.steps, init=up,
-                                    strength=j0.strength, guides=guides)
+                                    strength=j0.strength, guides=guides,
+                                    control=not self.args.highres_fix_disable_control_net)
             if not self.args.highres_fix_save_1st:
                 first = None
         else:
@@ -520,7 +523,7 @@ def run(args, generator: SDGenerator | None = None) -> list[Path]:
     """Generate everything ``args`` asks for; return the written paths (first-pass images included)."""
     try:
         return _run(args, generator)
-    except (PromptFileError, ImageInputError, NetworkError, EmbeddingError) as e:
+    except (PromptFileError, ImageInputError, NetworkError, EmbeddingError, ClipVisionError) as e:
         raise GenerationError(str(e)) from None
 
 
@@ -531,6 +534,10 @@ def _run(args, generator: SDGenerator | None) -> list[Path]:
     if args.highres_fix_strength is not None:
         logger.warning("--highres_fix_strength applies to an img2img first pass, which is not supported yet: ignored "
                        "(the second pass uses --strength)")
+    if args.highres_fix_disable_control_net and not args.highres_fix_scale:
+        logger.warning("--highres_fix_disable_control_net is ignored without --highres_fix_scale (hires fix)")
+    if args.clip_vision_strength is not None:
+        find_clip_vision_model(args.clip_vision_model)  # a missing model fails now, before the SDXL model loads
     inits = load_init_images(args.image_path, args.mask_path) if args.image_path else []
     lines = _prompt_lines(args)
     interactive = not isinstance(lines, list)

@@ -17,6 +17,9 @@ networks, is :class:`~library.generation.runner.SDGenerator`'s):
   positive original size). A prompt's values win over the flags. A hires-fix first pass is
   conditioned on its own size, and given original sizes and crops are scaled by
   ``--highres_fix_scale`` (as the reference does).
+* CLIP-Vision img2img conditioning (``--clip_vision_strength``, :mod:`library.generation.clip_vision`):
+  the positive rows' pooled text embedding is replaced by strength x the init image's CLIP-Vision
+  image embedding; the vision model loads on first use and each init image is encoded once.
 * Latents: VAE scale 0.13025.
 * Textual inversion files hold ``clip_l`` [n, 768] and ``clip_g`` [n, 1280] (one table per encoder).
 """
@@ -30,7 +33,14 @@ from typing import Any, Sequence
 import torch
 
 from library.families.sdxl.generation import SDXL_LATENT_SCALE, encode_prompts_sdxl, size_conditioning
-from library.generation.runner import ImageJob, ModelParts, PassSize, SDGenerator
+from library.generation.clip_vision import (
+    DEFAULT_CLIP_VISION_MODEL,
+    ClipVisionEncoder,
+    ClipVisionError,
+    load_clip_vision,
+)
+from library.generation.images import InitImage
+from library.generation.runner import GenerationError, ImageJob, ModelParts, PassSize, SDGenerator
 from library.sampling.pipeline import Conditioning
 from library.sampling.prompts import SamplePrompt
 
@@ -56,6 +66,13 @@ class SDXLGenerator(SDGenerator):
     latent_scale = SDXL_LATENT_SCALE
     embedding_keys = ("clip_l", "clip_g")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Loaded on first use from the current args (a preloaded generator may serve runs with other flags).
+        self._clip_vision: ClipVisionEncoder | None = None
+        self._image_embeds: dict[int, tuple[InitImage, torch.Tensor]] = {}
+        self._embeds_args: Any = None
+
     @classmethod
     def load_models(cls, args) -> ModelParts:
         from library.families.sdxl.loading import load_sdxl_models
@@ -80,7 +97,44 @@ class SDXLGenerator(SDGenerator):
         ids = torch.cat([size_ids(job, negative=neg, size=size) for job, neg in zip(jobs, negative)])
         hidden = cond.hidden_states
         added = {**cond.unet_kwargs["added_cond_kwargs"], "time_ids": ids.to(hidden.device, hidden.dtype)}
+        if self.args.clip_vision_strength is not None:
+            added["text_embeds"] = self._clip_vision_pooled(added["text_embeds"], jobs, negative)
         return Conditioning(hidden, {**cond.unet_kwargs, "added_cond_kwargs": added})
+
+    def _clip_vision_pooled(self, pooled: torch.Tensor, jobs: Sequence[ImageJob],
+                            negative: Sequence[bool]) -> torch.Tensor:
+        """``pooled`` with each positive img2img row replaced by strength x its init image's CLIP-Vision
+        embedding (a new tensor: the cached text conditioning stays as it is)."""
+        rows = [i for i, (job, neg) in enumerate(zip(jobs, negative)) if not neg and job.init is not None]
+        if not rows:
+            return pooled
+        embeds = torch.cat([self._init_image_embeds(jobs[i]) for i in rows]) * self.args.clip_vision_strength
+        if embeds.shape[1] != pooled.shape[1]:
+            raise GenerationError(f"--clip_vision_model {self._clip_vision.name}: its image embeddings are "
+                                  f"{embeds.shape[1]}-d but this SDXL model's pooled text embedding is "
+                                  f"{pooled.shape[1]}-d; use the ViT-bigG-14 model (the default)")
+        replaced = pooled.clone()
+        replaced[rows] = embeds.to(pooled.device, pooled.dtype)
+        return replaced
+
+    def _init_image_embeds(self, job: ImageJob) -> torch.Tensor:
+        """CLIP-Vision ``image_embeds`` [1, D] of ``job``'s init image, encoded once per run and image
+        (an init image is shared by its prompt's images and batches)."""
+        wanted = self.args.clip_vision_model or DEFAULT_CLIP_VISION_MODEL
+        if self._clip_vision is None or self._clip_vision.name != wanted:
+            try:
+                self._clip_vision = load_clip_vision(wanted, self.device, self.dtype)
+            except ClipVisionError as e:
+                raise GenerationError(str(e)) from None
+            self._image_embeds.clear()
+        if self._embeds_args is not self.args:  # a new run: its own InitImage objects
+            self._image_embeds.clear()
+            self._embeds_args = self.args
+        init = job.init
+        cached = self._image_embeds.get(id(init))
+        if cached is None:  # the dict holds the InitImage itself, so its id is not reused while cached
+            cached = self._image_embeds[id(init)] = (init, self._clip_vision.encode([init.image]))
+        return cached[1]
 
     def png_fields(self, job: ImageJob) -> dict[str, Any]:
         oh, ow, top, left = (int(v) for v in size_ids(job, negative=False)[0, :4])
