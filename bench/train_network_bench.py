@@ -4,6 +4,7 @@
     python bench/train_network_bench.py --model sd15 --steps 20 --results bench/results.jsonl
     python bench/train_network_bench.py --model sd15 --dry_run
     python bench/train_network_bench.py --model tiny -- --max_data_loader_n_workers 0   # extra trainer flags
+    python bench/train_network_bench.py --model sd15 --disk_cache   # the latent cache already on disk
 
 Runs the user's command line in a child process (through bench/timed_run.py, which timestamps the
 ``steps`` progress bar): ``--network_module networks.lora --network_dim 8 --cache_latents
@@ -12,7 +13,13 @@ dataset (``--images`` pictures x 10 repeats), for ``--steps`` steps. Then bench/
 the same models, LoRA and optimizer in a hand-written loop (another child). Printed: one table row
 -- steady-state seconds per step (mean after ``--warmup`` steps) and steps/s, the raw step, their
 ratio (the framework's overhead; target <= 1.05), seconds from launch to the end of the first step
-(target for sd15 < 30 s), peak RSS of the training process (target for sd15 < 6 GiB).
+(target for sd15 < 30 s), peak RSS of the training process (target for sd15 < 6 GiB), and how much
+of the start went into the VAE pass of latent caching (``caching s``).
+
+``--disk_cache`` adds ``--cache_latents_to_disk`` and first writes the cache with
+tools/cache_latents.py and the same flags (untimed), so the timed run finds every file valid and
+encodes nothing: the start of a user's second run on the same folder (or of a resumed run).
+Without it the latents are cached in memory by the timed run itself, as on a first run.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from bench.models import checkpoint_path, dataset_path, prepare_dataset, prepare
 
 COLUMNS = [("model", "model"), ("px", "resolution"), ("steps", "steps"), ("threads", "threads"),
            ("s/step", "step_s"), ("steps/s", "steps_per_s"), ("raw s/step", "raw_step_s"),
-           ("overhead", "overhead"), ("first step s", "first_step_s"), ("peak RSS MiB", "peak_rss_mib"),
-           ("raw RSS MiB", "raw_peak_rss_mib")]
+           ("overhead", "overhead"), ("latent cache", "latent_cache"), ("caching s", "caching_s"),
+           ("first step s", "first_step_s"), ("peak RSS MiB", "peak_rss_mib"), ("raw RSS MiB", "raw_peak_rss_mib")]
 TARGETS = {"overhead": 1.05, "first_step_s": 30.0, "peak_rss_mib": 6 * 1024}
 
 
@@ -43,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--network_dim", type=int, default=8)
     p.add_argument("--images", type=int, default=8, help="generated training images (10 repeats each)")
+    p.add_argument("--disk_cache", action="store_true",
+                   help="time a run whose latent cache is already on disk (--cache_latents_to_disk, written "
+                        "beforehand by tools/cache_latents.py)")
     args = p.parse_args(own)
     args.extra = extra
     # a tiny step takes ~0.1 s, an sd15 step on a CPU seconds: fewer steps, same warm-up share
@@ -60,7 +70,18 @@ def trainer_argv(model: Path, data: Path, out: Path, args) -> list[str]:
             "--network_dim", str(args.network_dim), "--network_alpha", str(args.network_dim), "--cache_latents",
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--mixed_precision", "no",
             "--max_train_steps", str(args.steps), "--output_dir", str(out), "--output_name", "bench_lora",
-            "--save_model_as", "safetensors", "--seed", "1", "--console_log_simple", *args.extra]
+            "--save_model_as", "safetensors", "--seed", "1", "--console_log_simple",
+            *(["--cache_latents_to_disk"] if args.disk_cache else []), *args.extra]
+
+
+def caching_seconds(run) -> float:
+    """Seconds the timed run spent in its 'caching latents' bar (0 when every latent came from disk)."""
+    try:
+        bar = run.bar("caching latents")
+    except RuntimeError:  # no bar: nothing to encode
+        return 0.0
+    events = bar["events"]
+    return float(events[-1][0]) - float(bar["created"]) if events else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -76,8 +97,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = prepare_model(args.model, workdir, dtype=args.checkpoint_dtype)
     data = prepare_dataset(workdir, resolution=args.resolution, images=args.images)
     out = workdir / f"out_train_{args.model}"
-    run = run_child(trainer_argv(model, data, out, args), threads=args.threads, timeout_s=args.timeout,
-                    timed=True).check()
+    argv = trainer_argv(model, data, out, args)
+    for stale in data.rglob("*.npz"):  # a cache left by another run (other seed or flags) is not this run's
+        stale.unlink()
+    if args.disk_cache:
+        run_child([sys.executable, str(REPO / "tools" / "cache_latents.py"), *argv[1:]], threads=args.threads,
+                  timeout_s=args.timeout).check()
+    run = run_child(argv, threads=args.threads, timeout_s=args.timeout, timed=True).check()
     stats = rate_stats(run.bar("steps"), warmup=args.warmup, launched=run.launched)
     raw = raw_reference("train", model, args, items=args.steps,
                         extra=["--batch_size", str(args.batch_size), "--network_dim", str(args.network_dim),
@@ -87,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "first_step_s": stats.first_item_after_launch_s, "loop_first_step_s": stats.first_item_after_bar_s,
               # launch -> the loop's progress bar: imports, loading, latent caching, network set-up
               "loop_start_s": stats.first_item_after_launch_s - stats.first_item_after_bar_s,
+              "latent_cache": "disk" if args.disk_cache else "memory", "caching_s": caching_seconds(run),
               "wall_s": run.wall_s, "peak_rss_mib": mib(run.peak_rss_bytes),
               "raw_step_s": raw and raw["seconds_per_item"], "raw_fwd_bwd_s": raw and raw["fwd_bwd_s"],
               "raw_peak_rss_mib": raw and mib(raw["child_peak_rss_bytes"]), "extra_args": " ".join(args.extra)}

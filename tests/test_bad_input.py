@@ -151,16 +151,30 @@ def test_file_that_is_not_an_image(tmp_path, tiny_sd1_ckpt, no_model_loading):
     assert f"cannot read image {folder / 'notes.png'}: cannot identify image file" in message
 
 
-@pytest.mark.parametrize("name, save", [("cut.png", {}), ("cut.jpg", {"quality": 95})])
-def test_truncated_image_is_found_while_the_dataset_is_built(tmp_path, tiny_sd1_ckpt, no_model_loading, name, save):
+@pytest.mark.parametrize("name, save, reason", [
+    ("cut.png", {}, "image file is truncated"), ("cut.jpg", {"quality": 95}, "image file is truncated"),
+    ("cut.webp", {"quality": 90}, "could not create decoder object"),
+    ("cut.bmp", {}, "image file is truncated"),
+])
+def test_truncated_image_is_found_while_the_dataset_is_built(tmp_path, tiny_sd1_ckpt, no_model_loading, name, save,
+                                                             reason):
     folder = images_folder(tmp_path)
     noise_image(folder / name, **save)
     whole = (folder / name).read_bytes()
     (folder / name).write_bytes(whole[: len(whole) // 2])  # an interrupted download
     message = fails(train_network.main, train_args(tiny_sd1_ckpt, tmp_path / "out", folder.parent),
                     out=tmp_path / "out")
-    assert message.startswith(f"error: cannot decode image {folder / name}: image file is truncated")
+    assert message.startswith(f"error: cannot decode image {folder / name}: {reason}")
     assert message.endswith("-- replace or remove the file")
+
+
+@pytest.mark.parametrize("name", ["whole.webp", "whole.bmp"])
+def test_whole_webp_and_bmp_pass_the_length_check_without_a_decode(tmp_path, monkeypatch, name):
+    from library.data import images
+
+    noise_image(tmp_path / name)
+    monkeypatch.setattr(images, "_decode_fully", lambda path: pytest.fail(f"{path} was decoded"))
+    assert images.read_image_size(tmp_path / name) == (64, 64)
 
 
 def test_decompression_bomb_sized_image(tmp_path, tiny_sd1_ckpt, no_model_loading):
@@ -430,6 +444,42 @@ def test_resume_from_a_state_of_another_network(tmp_path, data, tiny_sd1_ckpt):
     assert message.startswith(f"error: --resume {state}: the state was saved for another model or network (3 of 3 "
                               "weights in model.safetensors do not fit: e.g. lora_te1_text_model_encoder_layers_0_")
     assert message.endswith("resume with the base model and --network_* flags of the run that saved it")
+
+
+@pytest.fixture
+def saved_state(tmp_path, data, tiny_sd1_ckpt) -> Path:
+    """A real state of a 1-step AdamW run (``<out>/lora-state``)."""
+    train_network.main([str(a) for a in train_args(tiny_sd1_ckpt, tmp_path / "first", data, save_state=True)])
+    state = tmp_path / "first" / "lora-state"
+    assert json.loads((state / "train_state.json").read_text())["optimizer"] == "torch.optim.adamw.AdamW"
+    return state
+
+
+def test_resume_with_another_optimizer_is_refused_in_one_line(tmp_path, data, tiny_sd1_ckpt, saved_state):
+    message = fails(train_network.main, train_args(tiny_sd1_ckpt, tmp_path / "out", data, resume=saved_state,
+                                                   optimizer_type="Lion"), out=tmp_path / "out")
+    assert message == (f"error: --resume {saved_state}: the state was saved with optimizer torch.optim.adamw.AdamW, "
+                       "this run uses lion_pytorch.lion_pytorch.Lion: resume with the --optimizer_type of the run "
+                       "that saved it (or start a new run from the saved weights with --network_weights)")
+
+
+def test_resume_with_other_parameter_groups_is_refused_in_one_line(tmp_path, data, tiny_sd1_ckpt, saved_state):
+    # --text_encoder_lr 0 freezes the text encoder's LoRA: one optimizer group instead of two
+    message = fails(train_network.main, train_args(tiny_sd1_ckpt, tmp_path / "out", data, resume=saved_state,
+                                                   text_encoder_lr=0), out=tmp_path / "out")
+    assert message.startswith(f"error: --resume {saved_state}: its optimizer state does not fit this run's optimizer "
+                              "(ValueError: loaded state dict has a different number of parameter groups")
+    assert message.endswith("resume with those of the run that saved it")
+
+
+def test_state_without_an_optimizer_name_still_resumes(tmp_path, data, tiny_sd1_ckpt, saved_state):
+    """States of kohya-ss/sd-scripts (and older ones of ours) do not name their optimizer."""
+    info = saved_state / "train_state.json"
+    info.write_text(json.dumps({k: v for k, v in json.loads(info.read_text()).items() if k != "optimizer"}))
+    argv = train_args(tiny_sd1_ckpt, tmp_path / "out", data, resume=saved_state)
+    argv[argv.index("--max_train_steps") + 1] = "2"
+    train_network.main([str(a) for a in argv])
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
 
 
 def test_resume_from_a_folder_that_is_not_a_state(tmp_path, data, tiny_sd1_ckpt, no_model_loading):

@@ -182,6 +182,26 @@ def test_text_encoder_outputs_and_latents_cached_on_disk_in_kohya_layout(tmp_pat
     assert latent_file.stat().st_mtime_ns == stamps[latent_file]
 
 
+def test_caching_tools_with_lumina_write_the_files_training_accepts(tmp_path, tiny_lumina):
+    from tools import cache_latents, cache_text_encoder_outputs
+
+    data = tmp_path / "data"
+    images = write_shapes_folder(data / "2_sks", 2, seed=6, trigger="sks")
+    argv = lumina_args(tiny_lumina, tmp_path / "out", data, max_train_steps=1, network_train_unet_only=True,
+                       cache_text_encoder_outputs_to_disk=True, cache_latents_to_disk=True,
+                       system_prompt="You draw shapes.")
+    cache_text_encoder_outputs.main(["--lumina", *argv])
+    cache_latents.main(["--lumina", *argv])
+    files = sorted(data.rglob("*.npz"))
+    assert sorted(f.name for f in files) == sorted(
+        [p.stem + "_lumina_te.npz" for p in images] + [p.stem + "_0064x0064_lumina.npz" for p in images])
+    assert not (tmp_path / "out").exists()  # the tools train nothing and save nothing
+    stamps = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files}
+    run_script(SCRIPT, argv)
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in files} == stamps  # all valid: nothing re-encoded
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--network_module", "networks.lora_flux"], "networks.lora_lumina"),
     (["--min_snr_gamma", "5"], "--min_snr_gamma does not apply to Lumina-Image 2.0"),

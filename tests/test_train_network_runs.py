@@ -48,8 +48,8 @@ def test_dataset_toml_and_config_file_with_v2_diffusers(tmp_path, tiny_sd2_diffu
     assert metadata["ss_mixed_precision"] == "bf16" and metadata["ss_fp8_base"] == "True"
     assert (out / "v2lora-step00000002.safetensors").is_file()
     assert not (out / "v2lora-step00000002-state").exists()  # states only at the end
-    assert json.loads((out / "v2lora-state" / "train_state.json").read_text()) == {"current_epoch": 1,
-                                                                                    "current_step": 3}
+    assert json.loads((out / "v2lora-state" / "train_state.json").read_text()) == {
+        "current_epoch": 1, "current_step": 3, "optimizer": "torch.optim.adamw.AdamW"}
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
         --dataset_config data.toml --vae_batch_size 4
 
 Takes the flags of the trainer of the model family (``train_network.py``; ``--sdxl``:
-``sdxl_train_network.py``, ``--flux``: ``flux_train_network.py``, ``--sd3``: ``sd3_train_network.py``),
+``sdxl_train_network.py``, ``--flux``: ``flux_train_network.py``, ``--sd3``: ``sd3_train_network.py``,
+``--lumina``: ``lumina_train_network.py``),
 so the same command line or ``--config_file`` can be used for both; training with
 ``--cache_latents_to_disk`` then finds every file valid. See docs/model_tools.md.
 """

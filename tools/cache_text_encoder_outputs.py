@@ -6,7 +6,8 @@
         --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --dataset_config data.toml
 
 Takes the flags of the family's trainer (``--sdxl``: ``sdxl_train_network.py``, ``--flux``:
-``flux_train_network.py``, ``--sd3``: ``sd3_train_network.py``; SD 1.x/2.x have no text-encoder cache),
+``flux_train_network.py``, ``--sd3``: ``sd3_train_network.py``, ``--lumina``: ``lumina_train_network.py``;
+SD 1.x/2.x have no text-encoder cache),
 so training with ``--cache_text_encoder_outputs_to_disk`` and the same flags finds every file valid.
 See docs/model_tools.md.
 """

@@ -94,14 +94,18 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
 
 def _looks_truncated(path: Path) -> bool:
-    """Whether the file does not end the way its format ends (cheap: the last bytes only). PNG ends
-    with the IEND chunk, JPEG with the EOI marker (some cameras append data after it: a suspect is
-    only refused after a full decode fails)."""
+    """Whether the file does not end the way its format says (cheap: a few header and tail bytes).
+
+    PNG ends with the IEND chunk, JPEG with the EOI marker (some cameras append data after it: a
+    suspect is only refused after a full decode fails); WebP (RIFF) and BMP headers state the file's
+    length, so a shorter file was cut off.
+    """
     suffix = path.suffix.lower()
-    if suffix not in (".png", ".jpg", ".jpeg"):
+    if suffix not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         return False
     try:
         with open(path, "rb") as f:
+            head = f.read(8)
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - 12))
@@ -110,6 +114,10 @@ def _looks_truncated(path: Path) -> bool:
         return True
     if suffix == ".png":
         return tail[-8:-4] != b"IEND"
+    if suffix == ".webp":  # "RIFF" <uint32 LE: length after these 8 bytes> "WEBP" ...
+        return head[:4] == b"RIFF" and len(head) == 8 and size < 8 + int.from_bytes(head[4:8], "little")
+    if suffix == ".bmp":  # "BM" <uint32 LE: file length> (0 from some writers: unknown)
+        return head[:2] == b"BM" and len(head) >= 6 and size < int.from_bytes(head[2:6], "little")
     return not tail.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
@@ -118,7 +126,9 @@ def _decode_fully(path: Path) -> None:
         with Image.open(path) as im:
             im.load()
     except Exception as e:
-        raise DatasetError(f"cannot decode image {path}: {e} -- replace or remove the file") from e
+        # Only called for a file that ends early, so the cause is known even when PIL's words are vague.
+        raise DatasetError(f"cannot decode image {path}: {e} (the file ends early: an interrupted copy or "
+                           "download?) -- replace or remove the file") from e
 
 
 def load_image(path: Path, *, with_alpha: bool = False) -> np.ndarray:

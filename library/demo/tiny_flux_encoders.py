@@ -137,7 +137,8 @@ _TEMPLATES = (
 )
 
 
-def _corpus(rng: random.Random, lines: int = 3000) -> list[str]:
+def caption_corpus(rng: random.Random, lines: int = 3000) -> list[str]:
+    """Caption-like English lines that the tiny tokenizers (T5 sentencepiece, Gemma BPE) are trained on."""
     text = []
     for _ in range(lines):
         template = rng.choice(_TEMPLATES)
@@ -160,7 +161,7 @@ def train_tiny_spiece(seed: int = 0, vocab_size: int = TOKENIZER_PIECES) -> byte
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(random.Random(seed))), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(caption_corpus(random.Random(seed))), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     return model.getvalue()

@@ -91,7 +91,7 @@ def write_tiny_gemma_tokenizer(folder: str | os.PathLike, seed: int = 0) -> Path
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
-    from library.demo.tiny_flux_encoders import _corpus
+    from library.demo.tiny_flux_encoders import caption_corpus
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
@@ -99,7 +99,7 @@ def write_tiny_gemma_tokenizer(folder: str | os.PathLike, seed: int = 0) -> Path
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_MERGES_VOCAB, special_tokens=list(GEMMA_SPECIAL_TOKENS),
                                   show_progress=False)
-    bpe.train_from_iterator(_corpus(random.Random(seed)), trainer)
+    bpe.train_from_iterator(caption_corpus(random.Random(seed)), trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab = dict(model["vocab"])
     for byte in range(256):  # Gemma's byte fallback pieces: every character can be encoded

@@ -1,7 +1,7 @@
 """``tools/cache_latents.py`` / ``tools/cache_text_encoder_outputs.py``: fill the disk caches before training.
 
 The tools take the trainers' own flags (the network parser of the family chosen with ``--sdxl``,
-``--flux`` or ``--sd3``; SD 1.x/2.x without one) and run the first part of the training recipe:
+``--flux``, ``--sd3`` or ``--lumina``; SD 1.x/2.x without one) and run the first part of the training recipe:
 the same flag checks, seed, model loading and dataset building as
 :meth:`library.training.trainer.Trainer.train`, then the trainer's own caching methods
 (:meth:`~library.training.trainer.Trainer.cache_latents`,
@@ -22,14 +22,17 @@ from typing import Callable, Sequence
 
 logger = logging.getLogger(__name__)
 
-#: ``--sdxl`` / ``--flux`` / ``--sd3`` -> (parser factory in library.args, family class)
+#: ``--sdxl`` / ``--flux`` / ``--sd3`` / ``--lumina`` -> (the trainer's parser factory, family class)
 FAMILIES: dict[str, tuple[str, str]] = {
-    "sd": ("setup_network_parser", "library.families.sd.family:StableDiffusionFamily"),
-    "sdxl": ("setup_sdxl_network_parser", "library.families.sdxl.family:SDXLFamily"),
-    "flux": ("setup_flux_network_parser", "library.families.flux.family:FluxFamily"),
-    "sd3": ("setup_sd3_network_parser", "library.families.sd3.family:SD3Family"),
+    "sd": ("library.args:setup_network_parser", "library.families.sd.family:StableDiffusionFamily"),
+    "sdxl": ("library.args:setup_sdxl_network_parser", "library.families.sdxl.family:SDXLFamily"),
+    "flux": ("library.args:setup_flux_network_parser", "library.families.flux.family:FluxFamily"),
+    "sd3": ("library.args:setup_sd3_network_parser", "library.families.sd3.family:SD3Family"),
+    "lumina": ("library.families.lumina.args:setup_lumina_network_parser",
+               "library.families.lumina.family:LuminaFamily"),
 }
-FAMILY_FLAGS = {"sdxl": "the model is SDXL", "flux": "the model is FLUX.1", "sd3": "the model is SD3/SD3.5"}
+FAMILY_FLAGS = {"sdxl": "the model is SDXL", "flux": "the model is FLUX.1 or Chroma", "sd3": "the model is SD3/SD3.5",
+                "lumina": "the model is Lumina-Image 2.0"}
 
 
 def _add_family_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -39,7 +42,7 @@ def _add_family_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def family_of(argv: Sequence[str]) -> str:
-    """Which family the command line asks for (``--sdxl``, ``--flux``, ``--sd3``; default ``sd``)."""
+    """Which family the command line asks for (``--sdxl``, ``--flux``, ``--sd3``, ``--lumina``; default ``sd``)."""
     parser = argparse.ArgumentParser(add_help=False)
     _add_family_flags(parser)
     known, _ = parser.parse_known_args(list(argv))
@@ -52,9 +55,7 @@ def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
 
 def setup_parser(family: str, description: str) -> argparse.ArgumentParser:
     """The trainer's parser of ``family`` plus the tools' flags."""
-    import library.args as args_module
-
-    parser: argparse.ArgumentParser = getattr(args_module, FAMILIES[family][0])()
+    parser: argparse.ArgumentParser = _load(FAMILIES[family][0])()
     parser.description = description
     g = parser.add_argument_group("caching tool")
     _add_family_flags(g)
@@ -89,8 +90,8 @@ def run_caching(args: argparse.Namespace, family_name: str, *, text_encoder_outp
 
     family = _load(FAMILIES[family_name][1])()
     if text_encoder_outputs and family.text_encoder_cache_suffix is None:
-        raise ArgumentError("SD 1.x/2.x have no text encoder output cache: add --sdxl, --flux or --sd3 for those "
-                            "models")
+        raise ArgumentError("SD 1.x/2.x have no text encoder output cache: add --sdxl, --flux, --sd3 or --lumina "
+                            "for those models")
     if getattr(args, "skip_existing", False):
         logger.warning("--skip_existing is deprecated and has no effect: valid cache files are always kept")
     # What this tool caches is on, to disk; the other cache is off (the other tool makes it).

@@ -96,11 +96,15 @@ class OptimizerChoice:
     kwargs: dict[str, Any]
     pass_lr: bool = True  # False for Adafactor with relative_step: it computes its own step size
 
+    @property
+    def class_path(self) -> str:
+        """``module.Class`` of the optimizer (what a saved state's optimizer file belongs to)."""
+        return f"{self.cls.__module__}.{self.cls.__name__}"
+
     def describe(self) -> str:
         """``ss_optimizer`` metadata value: ``module.Class(args)``."""
         args = ",".join(f"{k}={v}" for k, v in self.kwargs.items())
-        path = f"{self.cls.__module__}.{self.cls.__name__}"
-        return f"{path}({args})" if args else path
+        return f"{self.class_path}({args})" if args else self.class_path
 
     @property
     def adapts_lr(self) -> bool:

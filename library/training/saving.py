@@ -125,9 +125,24 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_train_state(state_dir: str | os.PathLike, *, epoch: int, step: int) -> None:
+def write_train_state(state_dir: str | os.PathLike, *, epoch: int, step: int, optimizer: str | None = None) -> None:
+    """``train_state.json``: where the run stands, and (``optimizer``, a class path) which optimizer
+    class wrote the state's optimizer file, so a resume with another one is refused in words."""
+    data: dict[str, object] = {"current_epoch": epoch, "current_step": step}
+    if optimizer:
+        data["optimizer"] = optimizer
     with atomic_path(Path(state_dir) / TRAIN_STATE_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"current_epoch": epoch, "current_step": step}, f)
+        json.dump(data, f)
+
+
+def saved_optimizer(state_dir: str | os.PathLike) -> str | None:
+    """The optimizer class path a state was saved with; None for states that do not say (older ones,
+    kohya-ss/sd-scripts' ones)."""
+    try:
+        value = json.loads((Path(state_dir) / TRAIN_STATE_FILE).read_text(encoding="utf-8")).get("optimizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def read_train_state(state_dir: str | os.PathLike) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from library.training.loss_log import LossLog
 from library.training.network_extras import MaxNormLog
 from library.training.optimizer import (choose_optimizer, lr_log_values, make_lr_scheduler, make_optimizer,
                                         optimizer_eval_mode, optimizer_train_mode, steps_per_epoch)
-from library.training.saving import SavePolicy, read_train_state, write_train_state
+from library.training.saving import SavePolicy, read_train_state, saved_optimizer, write_train_state
 from library.training.targets import NetworkTarget, TrainingTarget
 from library.training import trackers
 from library.training.validation_loss import ValidationRunner, ValidationSettings, family_batch_losses
@@ -89,6 +89,7 @@ class Trainer:
         self.target = target
         self.lr_names: list[str] | None = None
         self.optimizer = None  # set by train(): schedule-free optimizers switch to eval() around saves/samples
+        self.optimizer_class: str | None = None  # class path, written into saved states and checked on resume
         self.loss_config: LossConfig | None = None  # built once from args in train()
         self.validator: ValidationRunner | None = None  # set by train() when there is a validation set
         self.fused_clipping = False  # True when --fused_* optimizers clip inside the backward pass
@@ -105,6 +106,7 @@ class Trainer:
             raise ArgumentError(f"--cache_text_encoder_outputs: this model family ({type(self.family).__name__}) "
                                 "cannot cache text encoder outputs; drop --cache_text_encoder_outputs(_to_disk)")
         optimizer_choice = choose_optimizer(args)  # a missing optimizer package fails before any loading
+        self.optimizer_class = optimizer_choice.class_path
         if args.sample_prompts:  # a bad prompt file fails now, not at the first preview hours later
             from library.sampling.prompts import load_prompts
 
@@ -327,7 +329,7 @@ class Trainer:
     def resume_or_start(self, args, accelerator, schedule: Schedule, lr_scheduler) -> None:
         """Set where the run starts: a resumed state, or ``--initial_step/--initial_epoch``."""
         if args.resume:
-            accelerator.load_state(args.resume)
+            self.load_resume_state(args.resume, accelerator)
             _, step = read_train_state(args.resume)
             schedule.first_step = step
             # A resume always continues exactly where the state was written: same batches next.
@@ -349,6 +351,23 @@ class Trainer:
                 schedule.skip_batches = (first % schedule.steps_per_epoch) * args.gradient_accumulation_steps
             for _ in range(first):  # the learning rate continues from the step the run starts at
                 lr_scheduler.step()
+
+    def load_resume_state(self, state_dir: str, accelerator) -> None:
+        """``accelerator.load_state`` with the ways an optimizer state can fail to fit said in one line:
+        another optimizer class (from ``train_state.json``), or other parameter groups."""
+        saved = saved_optimizer(state_dir)
+        if saved and self.optimizer_class and saved != self.optimizer_class:
+            raise ArgumentError(f"--resume {state_dir}: the state was saved with optimizer {saved}, this run uses "
+                                f"{self.optimizer_class}: resume with the --optimizer_type of the run that saved it "
+                                "(or start a new run from the saved weights with --network_weights)")
+        try:
+            accelerator.load_state(state_dir)
+        except (ValueError, KeyError) as e:  # torch's Optimizer.load_state_dict on a state that does not fit
+            raise ArgumentError(f"--resume {state_dir}: its optimizer state does not fit this run's optimizer "
+                                f"({type(e).__name__}: {e}). The parameter groups come from the learning-rate "
+                                "flags (--learning_rate, --unet_lr, --text_encoder_lr, block lr weights, LoRA+ "
+                                "ratios) and the optimizer from --optimizer_type: resume with those of the run that "
+                                "saved it") from e
 
     def build_metadata(self, args, group, schedule: Schedule, started_at: float, optimizer_name: str,
                        network_args: dict, accelerator, num_validation_images: int = 0) -> dict[str, str]:
@@ -542,15 +561,14 @@ class Trainer:
             if with_state:
                 self.save_state(accelerator, policy.state_dir(stem), epoch=epoch, step=step)
 
-    @staticmethod
-    def save_state(accelerator, state_dir: Path, *, epoch: int, step: int) -> None:
+    def save_state(self, accelerator, state_dir: Path, *, epoch: int, step: int) -> None:
         """Write the state into a temporary folder and rename it, so a kill never leaves half a state."""
         tmp = state_dir.with_name(state_dir.name + ".tmp")
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            write_train_state(tmp, epoch=epoch, step=step)
+            write_train_state(tmp, epoch=epoch, step=step, optimizer=self.optimizer_class)
             # Moved aside, not deleted, until the new state is in place: a kill in between leaves
             # `<name>-state.old`, still a complete state to resume from.
             old = state_dir.with_name(state_dir.name + ".old")

@@ -23,6 +23,7 @@ tokenises differently there. Vocabulary, merges and word splitting are identical
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import logging
 import os
 import shutil
@@ -58,12 +59,12 @@ def cache_folder_name(repo_id: str) -> str:
 
 def open_clip_bpe_path() -> Path:
     """The BPE merges file shipped inside the installed ``open_clip`` package."""
-    try:
-        import open_clip
-    except ImportError as e:  # pragma: no cover - open_clip_torch is a requirement
+    # Located, not imported: importing open_clip pulls in timm and its models (about a second).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - open_clip_torch is a requirement
         raise RuntimeError("building the CLIP tokenizer offline needs the open_clip_torch package: "
-                           "pip install open_clip_torch") from e
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+                           "pip install open_clip_torch")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise RuntimeError(f"{path} is missing from the installed open_clip package; reinstall open_clip_torch "
                            f"or pass --tokenizer_cache_dir with a saved tokenizer")
