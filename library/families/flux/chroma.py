@@ -41,7 +41,6 @@ from library.families.flux.model import (
     RMSNorm,
     SingleStreamBlock,
     default_axes_dim,
-    rope_frequencies,
     strip_flux_prefix,
     timestep_embedding,
 )
@@ -256,12 +255,8 @@ class Chroma(FluxBlockStacks, nn.Module):
         txt = self.txt_in(txt)
         mods = self.modulations(timesteps, guidance, dtype)
 
-        freqs = rope_frequencies(torch.cat((txt_ids, img_ids), dim=1), cfg.axes_dim, cfg.theta)
-        mask = None
-        if txt_attention_mask is not None:
-            keys = torch.cat((attended_text(txt_attention_mask),
-                              torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)), dim=1)
-            mask = keys[:, None, None, :]
+        freqs, mask = self._joint_rope_and_mask(
+            txt_ids, img_ids, None if txt_attention_mask is None else attended_text(txt_attention_mask), img)
 
         single, double = 3 * cfg.depth_single_blocks, 6 * cfg.depth
         for i, block in enumerate(self.double_blocks):
@@ -275,21 +270,6 @@ class Chroma(FluxBlockStacks, nn.Module):
         return self.final_layer(x[:, n_txt:], mods[:, -2:])
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, txt_attention_mask) -> None:
-        """Shape checks (no tensor values are read, so no host sync)."""
-        cfg = self.config
-        problems = []
-        if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
-            problems.append(f"img must be [B, L, {cfg.in_channels}] packed latents, got {tuple(img.shape)}")
-        if txt.ndim != 3 or txt.shape[-1] != cfg.context_in_dim:
-            problems.append(f"txt must be [B, T, {cfg.context_in_dim}], got {tuple(txt.shape)}")
-        if img_ids.ndim != 3 or img_ids.shape[1:] != (img.shape[1], len(cfg.axes_dim)):
-            problems.append(f"img_ids must be [B, {img.shape[1]}, {len(cfg.axes_dim)}], got {tuple(img_ids.shape)}")
-        if txt_ids.ndim != 3 or txt_ids.shape[1:] != (txt.shape[1], len(cfg.axes_dim)):
-            problems.append(f"txt_ids must be [B, {txt.shape[1]}, {len(cfg.axes_dim)}], got {tuple(txt_ids.shape)}")
-        if timesteps.ndim != 1:
-            problems.append(f"timesteps must be [B], got {tuple(timesteps.shape)}")
-        if txt_attention_mask is not None and txt_attention_mask.shape != txt.shape[:2]:
-            problems.append(f"txt_attention_mask must be [B, T] = {tuple(txt.shape[:2])}, "
-                            f"got {tuple(txt_attention_mask.shape)}")
+        problems = self._shape_problems(img, img_ids, txt, txt_ids, timesteps, txt_attention_mask)
         if problems:
             raise ValueError("Chroma.forward: " + "; ".join(problems))

@@ -331,8 +331,39 @@ def max_blocks_to_swap(config: FluxConfig) -> int:
 
 
 class FluxBlockStacks(DiTMemoryMixin):
-    """The memory options of a DiT with FLUX.1's ``double_blocks`` / ``single_blocks`` stacks and
-    ``img_in`` (FLUX.1 and Chroma): which stacks swap, and how N swapped blocks split between them."""
+    """What FLUX.1 and Chroma share around their ``double_blocks`` / ``single_blocks`` stacks and
+    ``img_in``: the memory options (which stacks swap, how N swapped blocks split between them), the
+    joint sequence's RoPE and attention mask, and the input shape checks."""
+
+    def _joint_rope_and_mask(self, txt_ids: torch.Tensor, img_ids: torch.Tensor, text_keys: torch.Tensor | None,
+                             img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE frequencies of the ``[text, image]`` sequence, and its key mask ``[B, 1, 1, T + L]`` from
+        ``text_keys`` (bool ``[B, T]``, True = attended; every image token is) or None (all attended)."""
+        freqs = rope_frequencies(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)
+        if text_keys is None:
+            return freqs, None
+        keys = torch.cat((text_keys, torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)), dim=1)
+        return freqs, keys[:, None, None, :]
+
+    def _shape_problems(self, img, img_ids, txt, txt_ids, timesteps, txt_attention_mask) -> list[str]:
+        """What is wrong with the shapes of the inputs both models take (no tensor values are read, so
+        no host sync); each model adds its own inputs' checks."""
+        cfg = self.config
+        problems = []
+        if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
+            problems.append(f"img must be [B, L, {cfg.in_channels}] packed latents, got {tuple(img.shape)}")
+        if txt.ndim != 3 or txt.shape[-1] != cfg.context_in_dim:
+            problems.append(f"txt must be [B, T, {cfg.context_in_dim}], got {tuple(txt.shape)}")
+        if img_ids.ndim != 3 or img_ids.shape[1:] != (img.shape[1], len(cfg.axes_dim)):
+            problems.append(f"img_ids must be [B, {img.shape[1]}, {len(cfg.axes_dim)}], got {tuple(img_ids.shape)}")
+        if txt_ids.ndim != 3 or txt_ids.shape[1:] != (txt.shape[1], len(cfg.axes_dim)):
+            problems.append(f"txt_ids must be [B, {txt.shape[1]}, {len(cfg.axes_dim)}], got {tuple(txt_ids.shape)}")
+        if timesteps.ndim != 1:
+            problems.append(f"timesteps must be [B], got {tuple(timesteps.shape)}")
+        if txt_attention_mask is not None and txt_attention_mask.shape != txt.shape[:2]:
+            problems.append(f"txt_attention_mask must be [B, T] = {tuple(txt.shape[:2])}, "
+                            f"got {tuple(txt_attention_mask.shape)}")
+        return problems
 
     def _block_stacks(self) -> list[tuple[str, nn.ModuleList]]:
         return [("double", self.double_blocks), ("single", self.single_blocks)]
@@ -401,12 +432,8 @@ class Flux(FluxBlockStacks, nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
 
-        freqs = rope_frequencies(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)
-        mask = None
-        if txt_attention_mask is not None:
-            keys = torch.cat((txt_attention_mask.bool(),
-                              torch.ones(img.shape[:2], dtype=torch.bool, device=img.device)), dim=1)
-            mask = keys[:, None, None, :]
+        freqs, mask = self._joint_rope_and_mask(
+            txt_ids, img_ids, None if txt_attention_mask is None else txt_attention_mask.bool(), img)
 
         double_residuals = block_controlnet_hidden_states or ()
         single_residuals = block_controlnet_single_hidden_states or ()
@@ -423,26 +450,12 @@ class Flux(FluxBlockStacks, nn.Module):
         return self.final_layer(x[:, n_txt:], vec)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance, txt_attention_mask) -> None:
-        """Shape checks (no tensor values are read, so no host sync)."""
         cfg = self.config
-        problems = []
-        if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
-            problems.append(f"img must be [B, L, {cfg.in_channels}] packed latents, got {tuple(img.shape)}")
-        if txt.ndim != 3 or txt.shape[-1] != cfg.context_in_dim:
-            problems.append(f"txt must be [B, T, {cfg.context_in_dim}], got {tuple(txt.shape)}")
-        if img_ids.ndim != 3 or img_ids.shape[1:] != (img.shape[1], len(cfg.axes_dim)):
-            problems.append(f"img_ids must be [B, {img.shape[1]}, {len(cfg.axes_dim)}], got {tuple(img_ids.shape)}")
-        if txt_ids.ndim != 3 or txt_ids.shape[1:] != (txt.shape[1], len(cfg.axes_dim)):
-            problems.append(f"txt_ids must be [B, {txt.shape[1]}, {len(cfg.axes_dim)}], got {tuple(txt_ids.shape)}")
+        problems = self._shape_problems(img, img_ids, txt, txt_ids, timesteps, txt_attention_mask)
         if y.ndim != 2 or y.shape[-1] != cfg.vec_in_dim:
             problems.append(f"y must be [B, {cfg.vec_in_dim}] pooled text, got {tuple(y.shape)}")
-        if timesteps.ndim != 1:
-            problems.append(f"timesteps must be [B], got {tuple(timesteps.shape)}")
         if cfg.guidance_embed and guidance is None:
             problems.append("this model has guidance_in (FLUX.1-dev style): pass guidance [B] (e.g. 3.5 or 1.0)")
-        if txt_attention_mask is not None and txt_attention_mask.shape != txt.shape[:2]:
-            problems.append(f"txt_attention_mask must be [B, T] = {tuple(txt.shape[:2])}, "
-                            f"got {tuple(txt_attention_mask.shape)}")
         if problems:
             raise ValueError("Flux.forward: " + "; ".join(problems))
 
