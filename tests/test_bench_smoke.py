@@ -31,9 +31,10 @@ def test_tiny_train_bench_prints_and_records_its_fields(tmp_path):
     titles = [c.strip() for c in lines[header].strip("|").split("|")]
     cells = dict(zip(titles, (c.strip() for c in lines[header + 2].strip("|").split("|"))))
     assert titles == ["model", "px", "steps", "threads", "s/step", "steps/s", "raw s/step", "overhead",
-                      "first step s", "peak RSS MiB", "raw RSS MiB"]
+                      "latent cache", "caching s", "first step s", "peak RSS MiB", "raw RSS MiB"]
     assert cells["model"] == "tiny" and cells["px"] == "64" and cells["steps"] == "2" and cells["threads"] == "1"
-    assert all(float(cells[k]) > 0 for k in titles[4:])
+    assert cells["latent cache"] == "memory"
+    assert all(float(cells[k]) > 0 for k in titles[4:] if k != "latent cache")
     assert any(line.startswith("targets: overhead ") for line in lines)
 
     record = json.loads(results.read_text().splitlines()[-1])
@@ -42,9 +43,22 @@ def test_tiny_train_bench_prints_and_records_its_fields(tmp_path):
     assert record["steps_per_s"] == pytest.approx(1 / record["step_s"])
     # the first step comes after process start, imports, loading and latent caching
     assert record["first_step_s"] > record["loop_first_step_s"] > 0 and record["first_step_s"] > record["step_s"]
+    assert 0 < record["caching_s"] < record["loop_start_s"]  # the VAE pass is part of the start
     assert 100 < record["peak_rss_mib"] < 8192 and 100 < record["raw_peak_rss_mib"] < 8192
     assert 0 < record["raw_fwd_bwd_s"] < record["raw_step_s"]
     assert (tmp_path / "work" / "out_train_tiny" / "bench_lora.safetensors").is_file()
+
+
+def test_disk_cache_mode_times_a_run_that_encodes_nothing(tmp_path):
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_network_bench.py"), "--model", "tiny",
+                           "--steps", "2", "--warmup", "1", "--images", "2", "--resolution", "64", "--no_raw",
+                           "--disk_cache", "--workdir", str(tmp_path / "work"), "--results", str(results)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["latent_cache"] == "disk" and record["caching_s"] == 0  # no caching bar: nothing encoded
+    assert len(list((tmp_path / "work").rglob("*_sd.npz"))) == 2  # written by tools/cache_latents.py, then reused
 
 
 def test_timed_run_records_update_and_iteration_bars(tmp_path):
