@@ -446,6 +446,20 @@ def test_resume_from_a_state_of_another_network(tmp_path, data, tiny_sd1_ckpt):
     assert message.endswith("resume with the base model and --network_* flags of the run that saved it")
 
 
+def test_a_slow_in_memory_latent_cache_suggests_the_disk_cache(tmp_path, data, tiny_sd1_ckpt, monkeypatch):
+    from library.training.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "CACHE_TO_DISK_HINT_S", 0.0)  # the tiny VAE is fast; any pass counts as slow
+    hint = "with --cache_latents_to_disk the next run on these images (and a --resume) reads them from disk instead"
+    with Records("library.training.trainer") as log:
+        train_network.main([str(a) for a in train_args(tiny_sd1_ckpt, tmp_path / "mem", data, cache_latents=True)])
+    assert [m for m in log.messages if m.startswith("caching the latents of 2 images took ") and m.endswith(hint)]
+    with Records("library.training.trainer") as log:
+        train_network.main([str(a) for a in train_args(tiny_sd1_ckpt, tmp_path / "disk", data, cache_latents=True,
+                                                       cache_latents_to_disk=True)])
+    assert not [m for m in log.messages if hint in m]
+
+
 @pytest.fixture
 def saved_state(tmp_path, data, tiny_sd1_ckpt) -> Path:
     """A real state of a 1-step AdamW run (``<out>/lora-state``)."""

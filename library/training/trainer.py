@@ -84,6 +84,9 @@ def _place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
 
 
 class Trainer:
+    #: an in-memory latent cache that took this long is worth a hint about --cache_latents_to_disk
+    CACHE_TO_DISK_HINT_S = 20.0
+
     def __init__(self, family: ModelFamily, target: TrainingTarget):
         self.family = family
         self.target = target
@@ -226,12 +229,18 @@ class Trainer:
         options = dict(vae_batch_size=args.vae_batch_size, to_disk=args.cache_latents_to_disk,
                        skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix,
                        suffixed_keys=self.family.latent_cache_suffixed_keys)
+        started = time.monotonic()
         with torch.no_grad():
             if args.cache_latents_to_disk and accelerator.num_processes > 1:  # each process writes its share
                 group.cache_latents(encode, process_index=accelerator.process_index,
                                     num_processes=accelerator.num_processes, **options)
                 accelerator.wait_for_everyone()
-            group.cache_latents(encode, **options)
+            encoded = group.cache_latents(encode, **options)
+        seconds = time.monotonic() - started
+        if encoded and not args.cache_latents_to_disk and seconds >= self.CACHE_TO_DISK_HINT_S:
+            # The VAE pass is often most of the start (sd15 on two CPU cores: 29 of 52 s); say how to pay it once.
+            logger.info("caching the latents of %d images took %.0f s; with --cache_latents_to_disk the next run on "
+                        "these images (and a --resume) reads them from disk instead", encoded, seconds)
         vae.to("cpu")  # the VAE is not needed again until sampling: free the device memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
