@@ -474,7 +474,7 @@ def test_resume_with_another_optimizer_is_refused_in_one_line(tmp_path, data, ti
                                                    optimizer_type="Lion"), out=tmp_path / "out")
     assert message == (f"error: --resume {saved_state}: the state was saved with optimizer torch.optim.adamw.AdamW, "
                        "this run uses lion_pytorch.lion_pytorch.Lion: resume with the --optimizer_type of the run "
-                       "that saved it (or start a new run from the saved weights with --network_weights)")
+                       "that saved it (or start a new run from the weights it saved)")
 
 
 def test_resume_with_other_parameter_groups_is_refused_in_one_line(tmp_path, data, tiny_sd1_ckpt, saved_state):

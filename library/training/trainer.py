@@ -368,15 +368,15 @@ class Trainer:
         if saved and self.optimizer_class and saved != self.optimizer_class:
             raise ArgumentError(f"--resume {state_dir}: the state was saved with optimizer {saved}, this run uses "
                                 f"{self.optimizer_class}: resume with the --optimizer_type of the run that saved it "
-                                "(or start a new run from the saved weights with --network_weights)")
+                                "(or start a new run from the weights it saved)")
         try:
             accelerator.load_state(state_dir)
         except (ValueError, KeyError) as e:  # torch's Optimizer.load_state_dict on a state that does not fit
             raise ArgumentError(f"--resume {state_dir}: its optimizer state does not fit this run's optimizer "
-                                f"({type(e).__name__}: {e}). The parameter groups come from the learning-rate "
-                                "flags (--learning_rate, --unet_lr, --text_encoder_lr, block lr weights, LoRA+ "
-                                "ratios) and the optimizer from --optimizer_type: resume with those of the run that "
-                                "saved it") from e
+                                f"({type(e).__name__}: {e}). The parameter groups come from what is trained and "
+                                "its learning-rate flags (e.g. --text_encoder_lr 0 drops a group; block lr weights "
+                                "and LoRA+ ratios add groups), the optimizer from --optimizer_type: resume with those "
+                                "of the run that saved it") from e
 
     def build_metadata(self, args, group, schedule: Schedule, started_at: float, optimizer_name: str,
                        network_args: dict, accelerator, num_validation_images: int = 0) -> dict[str, str]:
