@@ -20,7 +20,6 @@ import os
 from pathlib import PurePath
 from typing import Any
 
-
 from library import toml_text
 from library.args import ArgumentError
 
