@@ -5,6 +5,7 @@
     python bench/train_network_bench.py --model sd15 --dry_run
     python bench/train_network_bench.py --model tiny -- --max_data_loader_n_workers 0   # extra trainer flags
     python bench/train_network_bench.py --model sd15 --disk_cache   # the latent cache already on disk
+    python bench/train_network_bench.py --model sd15 --first_use    # latents cached as batches need them
 
 Runs the user's command line in a child process (through bench/timed_run.py, which timestamps the
 ``steps`` progress bar): ``--network_module networks.lora --network_dim 8 --cache_latents
@@ -20,6 +21,9 @@ of the start went into the VAE pass of latent caching (``caching s``).
 tools/cache_latents.py and the same flags (untimed), so the timed run finds every file valid and
 encodes nothing: the start of a user's second run on the same folder (or of a resumed run).
 Without it the latents are cached in memory by the timed run itself, as on a first run.
+``--first_use`` adds ``--cache_latents_on_first_use``: the timed run encodes each image when a batch
+first needs it, so the VAE time is inside the steps (``caching s`` is then 0): the first step comes
+after one encode, and ``s/step`` includes the encodes of the steps timed.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--disk_cache", action="store_true",
                    help="time a run whose latent cache is already on disk (--cache_latents_to_disk, written "
                         "beforehand by tools/cache_latents.py)")
+    p.add_argument("--first_use", action="store_true",
+                   help="cache latents on first use (--cache_latents_on_first_use): encodes inside the steps")
     args = p.parse_args(own)
     args.extra = extra
     # a tiny step takes ~0.1 s, an sd15 step on a CPU seconds: fewer steps, same warm-up share
@@ -71,7 +77,13 @@ def trainer_argv(model: Path, data: Path, out: Path, args) -> list[str]:
             "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--mixed_precision", "no",
             "--max_train_steps", str(args.steps), "--output_dir", str(out), "--output_name", "bench_lora",
             "--save_model_as", "safetensors", "--seed", "1", "--console_log_simple",
-            *(["--cache_latents_to_disk"] if args.disk_cache else []), *args.extra]
+            *(["--cache_latents_to_disk"] if args.disk_cache else []),
+            *(["--cache_latents_on_first_use"] if args.first_use else []), *args.extra]
+
+
+def latent_cache_mode(args) -> str:
+    where = "disk" if args.disk_cache else "memory"
+    return f"first use, {where}" if args.first_use else where
 
 
 def caching_seconds(run) -> float:
@@ -113,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               "first_step_s": stats.first_item_after_launch_s, "loop_first_step_s": stats.first_item_after_bar_s,
               # launch -> the loop's progress bar: imports, loading, latent caching, network set-up
               "loop_start_s": stats.first_item_after_launch_s - stats.first_item_after_bar_s,
-              "latent_cache": "disk" if args.disk_cache else "memory", "caching_s": caching_seconds(run),
+              "latent_cache": latent_cache_mode(args),
+              "caching_s": caching_seconds(run),
               "wall_s": run.wall_s, "peak_rss_mib": mib(run.peak_rss_bytes),
               "raw_step_s": raw and raw["seconds_per_item"], "raw_fwd_bwd_s": raw and raw["fwd_bwd_s"],
               "raw_peak_rss_mib": raw and mib(raw["child_peak_rss_bytes"]), "extra_args": " ".join(args.extra)}

@@ -88,6 +88,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, *, support_dreambooth
     g.add_argument("--cache_latents", action="store_true", help="encode images with the VAE once, keep latents in memory")
     g.add_argument("--vae_batch_size", type=int, default=1, help="batch size for VAE encoding while caching")
     g.add_argument("--cache_latents_to_disk", action="store_true", help="cache latents as .npz files next to the images")
+    g.add_argument("--cache_latents_on_first_use", action="store_true",
+                   help="cache latents (implies --cache_latents) as batches first need them, not all before the "
+                        "first step; works with --cache_latents_to_disk")
     g.add_argument("--skip_cache_check", action="store_true", help="trust existing cache files without checking their content")
     g.add_argument("--enable_bucket", action="store_true", help="aspect-ratio bucketing")
     g.add_argument("--min_bucket_reso", type=int, default=256, help="smallest bucket side")

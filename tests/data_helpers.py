@@ -49,6 +49,15 @@ def parse(*argv: str, **flags) -> object:
     return setup_network_parser().parse_args(items)
 
 
+def make_group(tmp_path: Path, **flags):
+    """The training DatasetGroup of ``<tmp_path>/train`` (64 px, seed 3 unless given), built from flags."""
+    from library.dataset_config import build_dataset_group
+
+    flags.setdefault("resolution", 64)
+    flags.setdefault("seed", 3)
+    return build_dataset_group(parse(train_data_dir=tmp_path / "train", **flags))[0]
+
+
 class FakeVAE:
     """Counts calls; 'encodes' by 8x average pooling plus a constant 4th channel."""
 

@@ -450,7 +450,8 @@ def test_a_slow_in_memory_latent_cache_suggests_the_disk_cache(tmp_path, data, t
     from library.training.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "CACHE_TO_DISK_HINT_S", 0.0)  # the tiny VAE is fast; any pass counts as slow
-    hint = "with --cache_latents_to_disk the next run on these images (and a --resume) reads them from disk instead"
+    hint = ("with --cache_latents_to_disk the next run on these images (and a --resume) reads them from disk instead, "
+            "and with --cache_latents_on_first_use training starts before they are all encoded")
     with Records("library.training.trainer") as log:
         train_network.main([str(a) for a in train_args(tiny_sd1_ckpt, tmp_path / "mem", data, cache_latents=True)])
     assert [m for m in log.messages if m.startswith("caching the latents of 2 images took ") and m.endswith(hint)]

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +16,17 @@ from bench.common import REPO, rate_stats, run_child
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def run_tiny_train_bench(tmp_path, *flags: str) -> dict:
+    """Two steps of the tiny train bench without the raw reference; the record it appended."""
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_network_bench.py"), "--model", "tiny",
+                           "--steps", "2", "--warmup", "1", "--images", "2", "--resolution", "64", "--no_raw",
+                           *flags, "--workdir", str(tmp_path / "work"), "--results", str(results)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(results.read_text().splitlines()[-1])
 
 
 def test_tiny_train_bench_prints_and_records_its_fields(tmp_path):
@@ -50,15 +60,19 @@ def test_tiny_train_bench_prints_and_records_its_fields(tmp_path):
 
 
 def test_disk_cache_mode_times_a_run_that_encodes_nothing(tmp_path):
-    results = tmp_path / "results.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "train_network_bench.py"), "--model", "tiny",
-                           "--steps", "2", "--warmup", "1", "--images", "2", "--resolution", "64", "--no_raw",
-                           "--disk_cache", "--workdir", str(tmp_path / "work"), "--results", str(results)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    record = json.loads(results.read_text().splitlines()[-1])
+    record = run_tiny_train_bench(tmp_path, "--disk_cache")
     assert record["latent_cache"] == "disk" and record["caching_s"] == 0  # no caching bar: nothing encoded
     assert len(list((tmp_path / "work").rglob("*_sd.npz"))) == 2  # written by tools/cache_latents.py, then reused
+
+
+def test_first_use_mode_has_no_caching_pass_before_the_steps(tmp_path):
+    record = run_tiny_train_bench(tmp_path, "--first_use")
+    assert record["latent_cache"] == "first use, memory"
+    assert record["caching_s"] == 0  # no caching pass before the loop: the steps encoded the images
+    dry = subprocess.run([sys.executable, str(REPO / "bench" / "train_network_bench.py"), "--model", "tiny",
+                          "--first_use", "--dry_run", "--workdir", str(tmp_path / "work")],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "--cache_latents --" in dry.stdout and " --cache_latents_on_first_use" in dry.stdout
 
 
 def test_timed_run_records_update_and_iteration_bars(tmp_path):

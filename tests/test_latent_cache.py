@@ -8,14 +8,7 @@ import torch
 
 from library.data.errors import DatasetError
 from library.data.latent_cache import cache_path
-from library.dataset_config import build_dataset_group
-from tests.data_helpers import FakeVAE, parse, write_image
-
-
-def make_group(tmp_path, **flags):
-    flags.setdefault("resolution", 64)
-    flags.setdefault("seed", 3)
-    return build_dataset_group(parse(train_data_dir=tmp_path / "train", **flags))[0]
+from tests.data_helpers import FakeVAE, make_group, write_image
 
 
 @pytest.fixture

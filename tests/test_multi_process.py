@@ -117,3 +117,18 @@ def test_fsdp_without_a_gpu_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ArgumentError, match="FSDP .* needs GPUs .* --multi_gpu --num_processes N"):
         make_accelerator(object())  # refused before any flag is read
+
+
+@pytest.mark.slow
+def test_two_processes_cache_latents_on_first_use_into_one_set_of_files(tmp_path, tiny_sd1_ckpt):
+    data = tmp_path / "train"
+    write_shapes_folder(data / "1_toy", 8, seed=3)
+    out = tmp_path / "two"
+    # 2 steps x 2 processes x batch 1: four images are needed, each by one of the processes
+    proc = launch_two("train_network.py", base_train_args(
+        tiny_sd1_ckpt, out, train_data_dir=data, caption_extension=".txt", train_batch_size=1, max_train_steps=2,
+        cache_latents_on_first_use=True, cache_latents_to_disk=True))
+    assert "latents are cached on first use (on disk): 8 image(s)" in proc.stderr
+    files = list((data / "1_toy").glob("*_sd.npz"))
+    assert len(files) == 4 and not list((data / "1_toy").glob(".*tmp*"))
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["lora.safetensors"]

@@ -20,6 +20,7 @@ from library.data.errors import DatasetError
 from library.data.te_cache import CAPTION_HASH_KEY, cache_path
 from library.dataset_config import build_dataset_group
 from library.families.base import Prediction
+from tests import data_helpers
 from tests.data_helpers import parse, write_folder
 
 SUFFIX = "_te_outputs.npz"
@@ -58,10 +59,8 @@ def folder(tmp_path) -> Path:
 
 
 def make_group(tmp_path, **flags):
-    flags.setdefault("resolution", 64)
-    flags.setdefault("seed", 3)
     flags.setdefault("caption_extension", ".txt")
-    return build_dataset_group(parse(train_data_dir=tmp_path / "train", **flags))[0]
+    return data_helpers.make_group(tmp_path, **flags)
 
 
 def cache(group, encoder, **kwargs):

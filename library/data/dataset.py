@@ -73,6 +73,10 @@ class _Sample:
 class BucketedDataset:
     """One dataset: images placed in buckets and grouped into batches of ``params.batch_size``."""
 
+    #: set by :class:`~library.data.first_use.LatentsOnFirstUse`: a batch with images not cached yet
+    #: carries no pixels but ``latents_to_fill``, the rows of latents known here (None for the others)
+    latents_on_first_use = False
+
     def __init__(self, params: DatasetParams, subsets: list[LoadedSubset], images: list[ImageInfo], *,
                  index: int = 0, num_train_images: int = 0, num_reg_images: int = 0):
         self.params = params
@@ -126,7 +130,8 @@ class BucketedDataset:
                    replacements: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Batch ``index`` as the dict of the data contract (docs/architecture.md, "Data")."""
         members = self.batch_members(index, seed=seed, epoch=position.epoch)
-        if len({info.has_cached_latents for info in members}) > 1:
+        first_use = self.latents_on_first_use and not all(info.has_cached_latents for info in members)
+        if not self.latents_on_first_use and len({info.has_cached_latents for info in members}) > 1:
             raise DatasetError(f"batch {index} mixes images with and without cached latents: "
                                "cache_latents must cover every image")
         if len({info.has_cached_text_encoder_outputs for info in members}) > 1:
@@ -139,13 +144,15 @@ class BucketedDataset:
                                "ControlNet dataset needs conditioning_data_dir")
         samples = [self._make_sample(info, (seed, position.epoch, self.index, index, pos), position, replacements)
                    for pos, info in enumerate(members)]
-        cached = members[0].has_cached_latents
+        cached = members[0].has_cached_latents and not first_use
         te_outputs = None
         if members[0].has_cached_text_encoder_outputs:
             te_outputs = te_cache.batch_outputs(members, [s.caption for s in samples],
                                                 where=f"{self.params.where or 'dataset'}, batch {index}")
+        if first_use:  # the trainer's LatentsOnFirstUse fills the rows that are None (and their masks)
+            first_use_rows = {"latents": [s.latents for s in samples], "dataset": self.index}
         return {
-            "images": None if cached else torch.stack([s.pixels for s in samples]),
+            "images": None if cached or first_use else torch.stack([s.pixels for s in samples]),
             "latents": torch.stack([s.latents for s in samples]) if cached else None,
             "captions": [s.caption for s in samples],
             "loss_weights": torch.tensor([prior_loss_weight if i.is_reg else 1.0 for i in members]),
@@ -159,6 +166,7 @@ class BucketedDataset:
             "custom_attributes": [dict(info.subset.custom_attributes) for info in members],
             "image_keys": [info.image_key for info in members],
             "text_encoder_outputs": te_outputs,
+            "latents_to_fill": first_use_rows if first_use else None,
         }
 
     def _make_sample(self, info: ImageInfo, rng_key: tuple, position: TrainingPosition,
@@ -170,8 +178,9 @@ class BucketedDataset:
         subset = info.subset
         flipped = subset.flip_aug and image_rng.random() < 0.5
         pixels = latents = conditioning = None
-        if info.has_cached_latents:
-            latents, mask = self._cached_latents(info, flipped)
+        if info.has_cached_latents or self.latents_on_first_use:
+            # Without a cache yet (first use), latents and mask stay None: the trainer encodes them.
+            latents, mask = latent_cache.cached_latents(info, flipped) if info.has_cached_latents else (None, None)
             if info.conditioning_path is not None:
                 conditioning = self._conditioning_image(info, self._crop_window(info, image_rng), flipped)
         else:
@@ -237,20 +246,6 @@ class BucketedDataset:
         if with_conditioning and info.conditioning_path is not None:
             conditioning = self._conditioning_image(info, window, flipped)
         return to_tensor(image), mask, conditioning
-
-    @staticmethod
-    def _cached_latents(info: ImageInfo, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if info.latents is not None:
-            lat = info.latents_flipped if flipped else info.latents
-            mask = info.cached_alpha_mask
-        else:
-            lat, mask = latent_cache.read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.uses_masks,
-                                                    key_suffix=info.latents_key_suffix)
-        if lat is None:
-            raise DatasetError(f"no flipped latents cached for {info.path}: re-cache with flip_aug on")
-        if mask is not None and flipped:
-            mask = torch.flip(mask, dims=[1])
-        return lat, mask
 
     @staticmethod
     def fixed_caption(info: ImageInfo, replacements: Mapping[str, str] | None = None) -> str:

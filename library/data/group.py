@@ -125,25 +125,32 @@ class DatasetGroup(FollowsTrainingProgress, torch.utils.data.Dataset):
         Refused with a :class:`DatasetError` when a subset changes its images every epoch
         (color_aug, random_crop, face_crop_aug_range): cached latents would freeze them.
         """
-        for ds in self.datasets:
-            reason = ds.uncacheable_reason()
-            if reason:
-                raise DatasetError(f"latents cannot be cached: {reason} (the image changes every epoch): "
-                                   "turn it off or do not cache latents")
+        self.verify_latents_cacheable()
         if vae_batch_size < 1:
             raise DatasetError(f"--vae_batch_size must be >= 1 (got {vae_batch_size})")
-        images = self.images()
-        loaders = {id(info): ds for ds in self.datasets for info in ds.images}
-
-        def load(info):
-            image, mask = loaders[id(info)].load_sample_image(info, random.Random(0), False)
-            return image, mask
-
+        images, load = self.images(), self.latent_image_loader()
         return latent_cache.cache_latents(images, encode, load, latents_stride=self.latents_stride,
                                           vae_batch_size=vae_batch_size, to_disk=to_disk,
                                           skip_cache_check=skip_cache_check, cache_suffix=cache_suffix,
                                           process_index=process_index, num_processes=num_processes,
                                           suffixed_keys=suffixed_keys)
+
+    def verify_latents_cacheable(self) -> None:
+        """Raise a :class:`DatasetError` naming the subset whose images change every epoch."""
+        for ds in self.datasets:
+            reason = ds.uncacheable_reason()
+            if reason:
+                raise DatasetError(f"latents cannot be cached: {reason} (the image changes every epoch): "
+                                   "turn it off or do not cache latents")
+
+    def latent_image_loader(self) -> Callable:
+        """``load(info) -> (pixels [3,H,W] in [-1,1], mask or None)``: the image a cached latent encodes."""
+        loaders = {id(info): ds for ds in self.datasets for info in ds.images}
+
+        def load(info):
+            return loaders[id(info)].load_sample_image(info, random.Random(0), False)
+
+        return load
 
     def cache_text_encoder_outputs(self, encode: Callable[[list[str]], Mapping[str, torch.Tensor]], *,
                                    batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,

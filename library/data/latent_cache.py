@@ -101,6 +101,21 @@ def read_latents(path: Path, *, flipped: bool, alpha_mask: bool,
     return latents, mask
 
 
+def cached_latents(info, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latents, alpha mask or None) of a cached ImageInfo, in the orientation of the sample."""
+    if info.latents is not None:
+        lat = info.latents_flipped if flipped else info.latents
+        mask = info.cached_alpha_mask
+    else:
+        lat, mask = read_latents(info.latents_npz, flipped=flipped, alpha_mask=info.subset.uses_masks,
+                                 key_suffix=info.latents_key_suffix)
+    if lat is None:
+        raise DatasetError(f"no flipped latents cached for {info.path}: re-cache with flip_aug on")
+    if mask is not None and flipped:
+        mask = torch.flip(mask, dims=[1])
+    return lat, mask
+
+
 def write_latents(path: Path, latents: torch.Tensor, *, original_size: tuple[int, int],
                   crop_ltrb: tuple[int, int, int, int], latents_flipped: torch.Tensor | None = None,
                   alpha_mask: torch.Tensor | None = None, key_suffix: str = "") -> None:
@@ -170,17 +185,12 @@ def _plan(images: Iterable, *, to_disk: bool, cache_suffix: str) -> list[_Job]:
     return list(jobs.values())
 
 
-def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latents_stride: int = 8,
-                  vae_batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
-                  cache_suffix: str = "_sd", process_index: int = 0, num_processes: int = 1,
-                  suffixed_keys: bool = False) -> int:
-    """Fill the latent cache of ``images`` (ImageInfos with placements); returns how many were encoded.
+def missing_jobs(images: list, *, latents_stride: int = 8, to_disk: bool = False, skip_cache_check: bool = False,
+                 cache_suffix: str = "_sd", process_index: int = 0, num_processes: int = 1,
+                 suffixed_keys: bool = False) -> list[_Job]:
+    """Point every image that has a valid cache file at it; return the encodes still to do.
 
-    ``encode(images [B,3,H,W] float in [-1,1]) -> latents [B,C,h,w]`` is the family's VAE encode;
-    it receives CPU float32 tensors and moves them where it needs. With ``to_disk`` and several
-    processes, this process only encodes the missing files with ``job index % num_processes ==
-    process_index``; call again with the defaults after a barrier to pick up all files.
-    ``suffixed_keys``: the FLUX/SD3 file layout (keys end in ``_<h>x<w>``; no legacy ``<stem>.npz``).
+    The arguments are those of :func:`cache_latents`. Nothing is encoded or written here.
     """
     jobs = _plan(images, to_disk=to_disk, cache_suffix=cache_suffix)
     todo: list[_Job] = []
@@ -205,6 +215,24 @@ def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latent
             if num_processes > 1 and n % num_processes != process_index:
                 continue
         todo.append(job)
+    return todo
+
+
+def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latents_stride: int = 8,
+                  vae_batch_size: int = 1, to_disk: bool = False, skip_cache_check: bool = False,
+                  cache_suffix: str = "_sd", process_index: int = 0, num_processes: int = 1,
+                  suffixed_keys: bool = False) -> int:
+    """Fill the latent cache of ``images`` (ImageInfos with placements); returns how many were encoded.
+
+    ``encode(images [B,3,H,W] float in [-1,1]) -> latents [B,C,h,w]`` is the family's VAE encode;
+    it receives CPU float32 tensors and moves them where it needs. With ``to_disk`` and several
+    processes, this process only encodes the missing files with ``job index % num_processes ==
+    process_index``; call again with the defaults after a barrier to pick up all files.
+    ``suffixed_keys``: the FLUX/SD3 file layout (keys end in ``_<h>x<w>``; no legacy ``<stem>.npz``).
+    """
+    todo = missing_jobs(images, latents_stride=latents_stride, to_disk=to_disk, skip_cache_check=skip_cache_check,
+                        cache_suffix=cache_suffix, process_index=process_index, num_processes=num_processes,
+                        suffixed_keys=suffixed_keys)
     if not todo:
         return 0
 
@@ -220,17 +248,17 @@ def cache_latents(images: list, encode: Encode, load_image: LoadImage, *, latent
         for chunk in tqdm(chunks, desc="caching latents", smoothing=0):
             loaded = list(pool.map(lambda job: load_image(job.first), chunk))
             pixels = torch.stack([image for image, _ in loaded])
-            latents = _encode_checked(encode, pixels, chunk)
+            latents = encode_checked(encode, pixels, chunk)
             flipped = None
             if any(job.flip for job in chunk):
-                flipped = _encode_checked(encode, torch.flip(pixels, dims=[3]), chunk)
+                flipped = encode_checked(encode, torch.flip(pixels, dims=[3]), chunk)
             for k, (job, (_, mask)) in enumerate(zip(chunk, loaded)):
-                _store(job, latents[k].clone(), flipped[k].clone() if flipped is not None and job.flip else None,
+                store(job, latents[k].clone(), flipped[k].clone() if flipped is not None and job.flip else None,
                        mask if job.alpha else None)
     return len(todo)
 
 
-def _encode_checked(encode: Encode, pixels: torch.Tensor, chunk: list[_Job]) -> torch.Tensor:
+def encode_checked(encode: Encode, pixels: torch.Tensor, chunk: list[_Job]) -> torch.Tensor:
     latents = encode(pixels).detach().float().cpu()
     bad = torch.isnan(latents).flatten(1).any(dim=1)
     if bool(bad.any()):
@@ -240,7 +268,7 @@ def _encode_checked(encode: Encode, pixels: torch.Tensor, chunk: list[_Job]) -> 
     return latents
 
 
-def _store(job: _Job, latents: torch.Tensor, latents_flipped: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+def store(job: _Job, latents: torch.Tensor, latents_flipped: torch.Tensor | None, mask: torch.Tensor | None) -> None:
     info = job.first
     if job.npz is not None:
         write_latents(job.npz, latents, original_size=info.image_size, crop_ltrb=info.crop_ltrb,

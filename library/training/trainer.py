@@ -97,6 +97,7 @@ class Trainer:
         self.validator: ValidationRunner | None = None  # set by train() when there is a validation set
         self.fused_clipping = False  # True when --fused_* optimizers clip inside the backward pass
         self.interrupt: InterruptFlag | None = None  # set while the loop runs: Ctrl-C stops at a step boundary
+        self.first_use_latents = None  # a LatentsOnFirstUse with --cache_latents_on_first_use
 
     # ============================================================================ the recipe
     def train(self, args) -> None:
@@ -161,7 +162,10 @@ class Trainer:
         with torch.random.fork_rng(devices=_rng_devices(accelerator)):
             if args.cache_latents:
                 for group in groups:
-                    self.cache_latents(args, models, group, accelerator)
+                    if group is train_group and getattr(args, "cache_latents_on_first_use", False):
+                        self.first_use_latents = self.start_latents_on_first_use(args, models, group, accelerator)
+                    else:  # the validation set is cached up front: it is read whole at every validation
+                        self.cache_latents(args, models, group, accelerator)
             if cache_te:
                 self.cache_text_encoder_outputs(args, models, tokenize, groups, accelerator, weight_dtype)
 
@@ -240,10 +244,35 @@ class Trainer:
         if encoded and not args.cache_latents_to_disk and seconds >= self.CACHE_TO_DISK_HINT_S:
             # The VAE pass is often most of the start (sd15 on two CPU cores: 29 of 52 s); say how to pay it once.
             logger.info("caching the latents of %d images took %.0f s; with --cache_latents_to_disk the next run on "
-                        "these images (and a --resume) reads them from disk instead", encoded, seconds)
+                        "these images (and a --resume) reads them from disk instead, and with "
+                        "--cache_latents_on_first_use training starts before they are all encoded", encoded, seconds)
         vae.to("cpu")  # the VAE is not needed again until sampling: free the device memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def start_latents_on_first_use(self, args, models: FamilyModels, group, accelerator):
+        """The cache that batches fill as they need it (``--cache_latents_on_first_use``); the VAE stays
+        on the device until every image is cached."""
+        from library.data.first_use import LatentsOnFirstUse
+
+        if not hasattr(group, "latent_image_loader"):
+            raise ArgumentError(f"--cache_latents_on_first_use: {type(group).__name__} (--dataset_class) does not "
+                                "support it; use --cache_latents")
+        vae = models.vae
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            vae.to(accelerator.device)  # a no-op unless sampling moved it back to the CPU
+            return self.family.encode_images(models, images.to(accelerator.device))
+
+        def release_vae() -> None:
+            vae.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        return LatentsOnFirstUse(group, encode, seed=args.seed, to_disk=args.cache_latents_to_disk,
+                                 skip_cache_check=args.skip_cache_check, cache_suffix=self.family.latent_cache_suffix,
+                                 suffixed_keys=self.family.latent_cache_suffixed_keys,
+                                 rng_devices=_rng_devices(accelerator), on_complete=release_vae)
 
     @staticmethod
     def verify_text_encoder_caching(groups: list) -> None:
@@ -438,6 +467,8 @@ class Trainer:
 
             for batch in dataloader:
                 group.set_current_step(global_step)
+                if self.first_use_latents is not None:
+                    batch = self.first_use_latents.fill(batch)
                 with accelerator.accumulate(*target.modules()):
                     loss = self.training_loss(args, accelerator, models, batch, target.train_text_encoder,
                                               weight_dtype)

@@ -190,8 +190,8 @@ def validate_training_args(args) -> None:
         raise ArgumentError(f"--vae {args.vae}: no such file or folder (a VAE .safetensors/.ckpt file, a full "
                             "checkpoint or a Diffusers VAE folder)")
 
-    if args.cache_latents_to_disk:
-        args.cache_latents = True  # to-disk caching implies caching
+    if args.cache_latents_to_disk or getattr(args, "cache_latents_on_first_use", False):
+        args.cache_latents = True  # to-disk and first-use caching imply caching
     if args.cache_latents and (args.color_aug or args.random_crop):
         raise ArgumentError("--cache_latents cannot be used with --color_aug or --random_crop "
                             "(latents are encoded once); drop one of them")
