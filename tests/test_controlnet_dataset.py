@@ -124,6 +124,23 @@ def test_cached_latents_keep_conditioning_images_and_their_flips(tmp_path):
     assert seen == {True, False}
 
 
+def test_latents_cached_on_first_use_keep_conditioning_images_and_their_flips(tmp_path):
+    from library.data.first_use import LatentsOnFirstUse
+
+    images, cond = write_pairs(tmp_path, [(96, 64), (64, 64), (64, 96)], same=False)
+    plain = build(images, cond, flip_aug=True, train_batch_size=1)
+    eager = build(images, cond, flip_aug=True, train_batch_size=1)
+    eager.cache_latents(FakeVAE())
+    lazy = build(images, cond, flip_aug=True, train_batch_size=1)
+    cache = LatentsOnFirstUse(lazy, FakeVAE(), seed=3)
+    for a, b, c in zip(batches(plain), batches(eager), batches(lazy)):
+        c = cache.fill(c)
+        assert a["flippeds"] == c["flippeds"]
+        assert torch.equal(a["conditioning_images"], c["conditioning_images"])
+        assert torch.equal(b["latents"], c["latents"])  # FakeVAE draws nothing: the same latents as a pass
+    assert cache.complete
+
+
 def test_latent_caching_is_refused_with_random_crop_as_for_other_datasets(tmp_path):
     images, cond = write_pairs(tmp_path, [(96, 64)])
     group = build(images, cond, random_crop=True)

@@ -133,6 +133,17 @@ def test_a_persistent_worker_keeps_asking_and_the_main_cache_answers(tmp_path, f
     assert fresh["latents"] is not None and fresh["latents_to_fill"] is None
 
 
+def test_flux_style_files_are_written_with_their_resolution_keys(tmp_path, folder):
+    group = make_group(tmp_path, train_batch_size=3)
+    cache = LatentsOnFirstUse(group, FakeVAE(), seed=3, to_disk=True, cache_suffix="_flux", suffixed_keys=True)
+    batch = filled(cache, group, 0)
+    assert batch["latents"].shape == (3, 4, 8, 8) and cache.complete
+    with np.load(folder / "a_0064x0064_flux.npz") as npz:
+        assert set(npz.files) == {"latents_8x8", "original_size_8x8", "crop_ltrb_8x8"}
+    again = FakeVAE()
+    assert make_group(tmp_path).cache_latents(again, to_disk=True, cache_suffix="_flux", suffixed_keys=True) == 0
+
+
 def test_first_use_refuses_images_that_change_every_epoch(tmp_path, folder):
     group = make_group(tmp_path, random_crop=True)
     with pytest.raises(DatasetError, match="latents cannot be cached: .*random_crop"):
