@@ -149,8 +149,6 @@ class BucketedDataset:
         if members[0].has_cached_text_encoder_outputs:
             te_outputs = te_cache.batch_outputs(members, [s.caption for s in samples],
                                                 where=f"{self.params.where or 'dataset'}, batch {index}")
-        if first_use:  # the trainer's LatentsOnFirstUse fills the rows that are None (and their masks)
-            first_use_rows = {"latents": [s.latents for s in samples], "dataset": self.index}
         return {
             "images": None if cached or first_use else torch.stack([s.pixels for s in samples]),
             "latents": torch.stack([s.latents for s in samples]) if cached else None,
@@ -166,7 +164,8 @@ class BucketedDataset:
             "custom_attributes": [dict(info.subset.custom_attributes) for info in members],
             "image_keys": [info.image_key for info in members],
             "text_encoder_outputs": te_outputs,
-            "latents_to_fill": first_use_rows if first_use else None,
+            # first use: LatentsOnFirstUse.fill (main process) encodes the None rows and sets their masks
+            "latents_to_fill": {"latents": [s.latents for s in samples], "dataset": self.index} if first_use else None,
         }
 
     def _make_sample(self, info: ImageInfo, rng_key: tuple, position: TrainingPosition,
